@@ -1,0 +1,113 @@
+"""Grouped GEMM backends: rows of ``x`` sorted by expert, one weight matrix per expert.
+
+``grouped_linear(x, w, counts, backend)`` computes, for each expert e, ``x[rows of e] @ w[e].T``:
+
+- ``"grouped_mm"``: one ``torch._grouped_mm`` call (float32/bfloat16/float16; CUDA or CPU builds that have it).
+- ``"bmm"``: pad each expert's rows to the largest group, one batched matmul, unpad.
+- ``"loop"``: one ``F.linear`` per non-empty expert (works for every dtype and device).
+
+All three give the same numbers up to float rounding; the tests hold them to the per-token reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("grouped_mm", "bmm", "loop")
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def available_backends() -> list[str]:
+    """Backend names accepted by ``MoELayer(backend=...)`` (plus ``"auto"``)."""
+    return list(BACKENDS)
+
+
+def check_backend(backend: str) -> None:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Probe once per (device, dtype) whether ``torch._grouped_mm`` runs forward and backward here."""
+    if dtype not in _GROUPED_MM_DTYPES or not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
+        y = torch._grouped_mm(x, w, offs=offs)
+        y.backward(torch.ones_like(y))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def resolve_backend(backend: str, x: Tensor, w: Tensor) -> str:
+    """Pick the backend for these operands: ``auto`` prefers grouped_mm where it works, else loop."""
+    if backend == "auto":
+        return "grouped_mm" if _supports_grouped_mm(x, w) else "loop"
+    if backend == "grouped_mm" and not _supports_grouped_mm(x, w):
+        # An explicit request that cannot run here degrades to the padded bmm, which computes the same thing.
+        return "bmm"
+    return backend
+
+
+def _supports_grouped_mm(x: Tensor, w: Tensor) -> bool:
+    if x.dtype != w.dtype or not _grouped_mm_works(x.device.type, x.dtype):
+        return False
+    # The kernels want 16-byte aligned row strides.
+    return (x.shape[-1] * x.element_size()) % 16 == 0 and (w.shape[1] * w.element_size()) % 16 == 0
+
+
+def grouped_linear(x: Tensor, w: Tensor, counts: Tensor, backend: str = "auto") -> Tensor:
+    """(P, in) rows sorted by expert, w (E, out, in), counts (E,) -> (P, out)."""
+    backend = resolve_backend(backend, x, w)
+    if x.shape[0] == 0:
+        return x.new_zeros(0, w.shape[1])
+    if backend == "grouped_mm":
+        return _grouped_mm(x, w, counts)
+    if backend == "bmm":
+        return _padded_bmm(x, w, counts)
+    return _loop(x, w, counts)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm's backward requires it)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return grad.contiguous()
+
+
+def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each group
+    y = torch._grouped_mm(x.contiguous(), w.transpose(1, 2), offs=offs)  # (P, out)
+    return _ContiguousGrad.apply(y)
+
+
+def _loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    # split/unbind (not slicing in a loop): their backward is one cat/stack, not E full-size zero tensors.
+    rows = x.split(counts.tolist())
+    outs = [F.linear(x_e, w_e) for x_e, w_e in zip(rows, w.unbind(0)) if x_e.shape[0]]
+    return torch.cat(outs, dim=0)
+
+
+def _padded_bmm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    E = w.shape[0]
+    n_max = int(counts.max())
+    starts = counts.cumsum(0) - counts  # (E,)
+    expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts)  # (P,)
+    slot_of_row = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]  # (P,)
+    padded = x.new_zeros(E, n_max, x.shape[1])  # (E, n_max, in)
+    padded = padded.index_put((expert_of_row, slot_of_row), x)
+    y = torch.bmm(padded, w.transpose(1, 2))  # (E, n_max, out)
+    return y[expert_of_row, slot_of_row]
