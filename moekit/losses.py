@@ -44,7 +44,7 @@ def z_loss(logits: Tensor) -> Tensor:
 
 def cv_squared(values: Tensor, eps: float = 1e-10) -> Tensor:
     """Squared coefficient of variation ``var / mean^2`` (population variance) of a (E,) vector."""
-    values = values.float()
+    values = values.to(torch.promote_types(values.dtype, torch.float32))  # counts -> float32, float64 kept
     if values.numel() <= 1:
         return values.new_zeros(())
     return values.var(unbiased=False) / (values.mean().square() + eps)
