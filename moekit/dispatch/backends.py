@@ -31,17 +31,24 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # a plain bool to torch.compile, which must not trace the probe
 def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Probe once per (device, dtype) whether ``torch._grouped_mm`` runs forward and backward here."""
+    return _probe_grouped_mm(device_type, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     if dtype not in _GROUPED_MM_DTYPES or not hasattr(torch, "_grouped_mm"):
         return False
+    # Grad is forced on: a first call under no_grad must not cache 'unsupported' for the whole process.
     try:
-        x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
-        y = torch._grouped_mm(x, w, offs=offs)
-        y.backward(torch.ones_like(y))
+        with torch.enable_grad():
+            x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
+            y = torch._grouped_mm(x, w, offs=offs)
+            y.backward(torch.ones_like(y))
         return True
     except (RuntimeError, NotImplementedError):
         return False
@@ -60,6 +67,10 @@ def resolve_backend(backend: str, x: Tensor, w: Tensor) -> str:
 def _supports_grouped_mm(x: Tensor, w: Tensor) -> bool:
     if x.dtype != w.dtype or not _grouped_mm_works(x.device.type, x.dtype):
         return False
+    # torch.compile traces with fake tensors, so the op's meta kernel must take the dtype too; it can be
+    # narrower than the eager kernel (bfloat16 only in torch 2.13, while the CPU kernel runs float32).
+    if torch.compiler.is_compiling() and not _grouped_mm_works("meta", x.dtype):
+        return False
     # The kernels want 16-byte aligned row strides.
     return (x.shape[-1] * x.element_size()) % 16 == 0 and (w.shape[1] * w.element_size()) % 16 == 0
 
@@ -68,7 +79,7 @@ def grouped_linear(x: Tensor, w: Tensor, counts: Tensor, backend: str = "auto") 
     """(P, in) rows sorted by expert, w (E, out, in), counts (E,) -> (P, out)."""
     backend = resolve_backend(backend, x, w)
     if x.shape[0] == 0:
-        return x.new_zeros(0, w.shape[1])
+        return x.matmul(w[0].t())  # (0, out), kept in the autograd graph so that backward still runs
     if backend == "grouped_mm":
         return _grouped_mm(x, w, counts)
     if backend == "bmm":
