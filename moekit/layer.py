@@ -78,8 +78,10 @@ class MoELayer(nn.Module):
         if k > num_experts:
             raise ValueError(f"k must be <= num_experts ({num_experts}), got {k}")
         for name, cf in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            if cf is not None and (not isinstance(cf, (int, float)) or isinstance(cf, bool) or not cf > 0):
-                raise ValueError(f"{name} must be a number > 0 or None, got {cf!r}")
+            if cf is not None and (
+                not isinstance(cf, (int, float)) or isinstance(cf, bool) or not cf > 0 or math.isinf(cf)
+            ):
+                raise ValueError(f"{name} must be a finite number > 0 or None, got {cf!r}")
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
         if not isinstance(min_capacity, int) or min_capacity < 0:
@@ -166,7 +168,7 @@ class MoELayer(nn.Module):
 
     def _compute(self, x_real: Tensor, plan: DispatchPlan) -> Tensor:
         """Gather rows by expert, run the experts, weighted scatter-add back to token order."""
-        x_sorted = x_real[plan.token_idx]  # (S, D)
+        x_sorted = x_real.index_select(0, plan.token_idx)  # (S, D); its backward is a parallel index_add
         y_sorted = self.experts(x_sorted, plan.counts)  # (S, D)
         y_sorted = y_sorted * plan.weight.unsqueeze(1).to(y_sorted.dtype)
         out = y_sorted.new_zeros(x_real.shape[0], self.d_model)  # (T, D)
@@ -182,11 +184,12 @@ class MoELayer(nn.Module):
         return losses
 
     def _weighted(self, losses: dict[str, Tensor], x_real: Tensor) -> Tensor:
-        total = x_real.new_zeros((), dtype=torch.float32)
+        dtype = torch.promote_types(x_real.dtype, torch.float32)  # float32, or float64 for float64 input
+        total = x_real.new_zeros((), dtype=dtype)
         for name, value in losses.items():
             weight = self.loss_weights.get(name, 0.0)
             if weight:
-                total = total + weight * value.float()
+                total = total + weight * value.to(dtype)
         return total
 
     def _check_inputs(self, x: Tensor, mask: Tensor | None, token_ids: Tensor | None) -> torch.Size:
@@ -201,7 +204,9 @@ class MoELayer(nn.Module):
             if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
                 raise TypeError(f"mask must be a bool tensor (True = real token), got {getattr(mask, 'dtype', mask)}")
             if mask.shape != lead:
-                raise ValueError(f"mask must have shape {tuple(lead)} (x without its last dim), got {tuple(mask.shape)}")
+                raise ValueError(
+                    f"mask must have shape {tuple(lead)} (x without its last dim), got {tuple(mask.shape)}"
+                )
         if token_ids is not None:
             if not isinstance(token_ids, Tensor) or token_ids.is_floating_point() or token_ids.is_complex():
                 raise TypeError("token_ids must be an integer tensor")

@@ -53,7 +53,8 @@ def plan_dropless(routing: Routing) -> DispatchPlan:
 
 def expert_capacity(num_pairs: int, num_experts: int, capacity_factor: float, min_capacity: int = 0) -> int:
     """Pairs one expert may take: ``max(ceil(capacity_factor * P / E), min_capacity)``."""
-    return max(math.ceil(capacity_factor * num_pairs / num_experts), min_capacity)
+    # Shave float noise off before the ceil: 1.1 * 100 / 10 is 11.000000000000002, which must give 11, not 12.
+    return max(math.ceil(capacity_factor * num_pairs / num_experts * (1 - 1e-12)), min_capacity)
 
 
 def plan_capacity(

@@ -52,7 +52,7 @@ class ExpertList(nn.Module):
                 outs.append(self.experts[e](x[start : start + n]))
                 start += n
         if not outs:
-            return x.new_zeros(0, self.d_model)
+            return x[:0] * 0  # (0, D), kept in the autograd graph of x so that backward still runs
         return torch.cat(outs, dim=0)
 
     def expert_forward(self, e: int, x: Tensor) -> Tensor:

@@ -3,7 +3,7 @@
 An entry says how to find the sparse block (its class name), where its weights live inside the block, how its
 router decides (``scheme``, read by ``moekit.interop.routers``), which moekit router computes the same choice
 (``moekit_router``), how its experts are named in Hub checkpoints (for ``convert``) and what differs
-(``quirks``). Adding a family is adding one entry here (see ``README_SECTION.md``).
+(``quirks``). Adding a family is adding one entry here (see the README, "Adding a family").
 
 Blocks are matched by class name, so this module imports nothing from transformers.
 """

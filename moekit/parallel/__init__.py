@@ -1,5 +1,5 @@
 """Expert parallelism over torch.distributed: sharded experts, uneven all-to-all, EP x DP meshes,
-resharding checkpoints, and an all-to-all cost model. See ``moekit/parallel/README_SECTION.md``."""
+resharding checkpoints, and an all-to-all cost model. See the README, "Expert parallelism"."""
 
 from moekit.parallel.all_to_all import all_reduce_sum, all_to_all, comm_stats
 from moekit.parallel.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
