@@ -56,9 +56,7 @@ def _check_json_path(value: Path | None) -> Path | None:
 
 ThreadsOpt = Annotated[
     int | None,
-    typer.Option(
-        "--threads", help="torch threads to use (default: torch's default).", callback=_check_threads
-    ),
+    typer.Option("--threads", help="torch threads to use (default: torch's default).", callback=_check_threads),
 ]
 JsonOpt = Annotated[
     Path | None,
@@ -132,18 +130,17 @@ def bench_layer(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="output folder.")] = Path("moekit-demo"),
-    minutes: Annotated[
-        float | None, typer.Option("--minutes", help="wall-clock budget (default 10).")
-    ] = None,
+    minutes: Annotated[float | None, typer.Option("--minutes", help="wall-clock budget (default 10).")] = None,
     smoke: Annotated[bool, typer.Option("--smoke", help="a few seconds, for tests.")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train a small MoE LM and its dense baseline on the bundled KJV corpus; report, plots, sample."""
     from moekit.training import run_demo
 
     if minutes is not None and minutes <= 0:
         raise typer.BadParameter(f"--minutes must be > 0, got {minutes}")
-    run_demo(out_dir=out, minutes=minutes, smoke=smoke, seed=seed)
+    run_demo(out_dir=out, minutes=minutes, smoke=smoke, seed=seed, threads=threads)
 
 
 @app.command()
@@ -230,11 +227,13 @@ QuickOpt = Annotated[bool, typer.Option("--quick", help="the short version (abou
 
 
 @bench_app.command("lm")
-def bench_lm(quick: QuickOpt = False, json_path: JsonOpt = None, tiny: TinyOpt = False) -> None:
+def bench_lm(
+    quick: QuickOpt = False, json_path: JsonOpt = None, threads: ThreadsOpt = None, tiny: TinyOpt = False
+) -> None:
     """MoE vs dense LM of equal active parameters on the bundled corpus."""
     from moekit.training import run_lm_bench
 
-    run_lm_bench(quick=quick, json_path=json_path, smoke=_tiny(tiny))
+    run_lm_bench(quick=quick, json_path=json_path, threads=threads, tiny=_tiny(tiny), console=_console())
 
 
 @bench_app.command("hf")

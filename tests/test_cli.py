@@ -58,3 +58,34 @@ def test_help_lists_groups():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     assert "bench" in result.output and "routers" in result.output
+
+
+def test_top_level_commands_are_registered() -> None:
+    from typer.testing import CliRunner
+
+    from moekit.cli import app
+
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("demo", "train", "compare-routers", "convert", "index"):
+        assert name in result.output
+
+
+def test_demo_rejects_non_positive_minutes() -> None:
+    from typer.testing import CliRunner
+
+    from moekit.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--minutes", "0"])
+    assert result.exit_code != 0
+    assert "--minutes" in result.output
+
+
+def test_convert_rejects_unknown_target(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from moekit.cli import app
+
+    result = CliRunner().invoke(app, ["convert", str(tmp_path), str(tmp_path / "out"), "--to", "onnx"])
+    assert result.exit_code != 0
+    assert "--to" in result.output

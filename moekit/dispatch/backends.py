@@ -77,11 +77,6 @@ def _supports_grouped_mm(x: Tensor, w: Tensor) -> bool:
 
 def grouped_linear(x: Tensor, w: Tensor, counts: Tensor, backend: str = "auto") -> Tensor:
     """(P, in) rows sorted by expert, w (E, out, in), counts (E,) -> (P, out)."""
-    if backend == "auto" and x.device.type == "cpu" and x.shape[0] and not torch.compiler.is_compiling():
-        # On CPU grouped_mm is a loop of small matmuls; one padded bmm measured faster (moekit bench layer)
-        # unless padding wastes more than half of the work.
-        if w.shape[0] * int(counts.max()) <= 1.5 * x.shape[0]:
-            return _padded_bmm(x, w, counts)
     backend = resolve_backend(backend, x, w)
     if x.shape[0] == 0:
         return x.matmul(w[0].t())  # (0, out), kept in the autograd graph so that backward still runs
