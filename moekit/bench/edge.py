@@ -158,9 +158,7 @@ def _build_lm(cfg: EdgeBenchConfig, train_ids: Tensor, steps: int) -> tuple[nn.M
         model.train()
         start = time.perf_counter()
         for step in range(steps):
-            starts = torch.randint(
-                0, train_ids.numel() - cfg.train_len - 1, (cfg.train_batch,), generator=gen
-            )
+            starts = torch.randint(0, train_ids.numel() - cfg.train_len - 1, (cfg.train_batch,), generator=gen)
             x = torch.stack([train_ids[s : s + cfg.train_len] for s in starts.tolist()])  # (B, L)
             y = torch.stack([train_ids[s + 1 : s + cfg.train_len + 1] for s in starts.tolist()])
             out = model(x, targets=y)
@@ -173,9 +171,7 @@ def _build_lm(cfg: EdgeBenchConfig, train_ids: Tensor, steps: int) -> tuple[nn.M
     model.eval()
     counts = model.param_counts()
     expert_params = sum(p.numel() for _, layer in model.moe_layers() for p in layer.experts.parameters())
-    info.update(
-        total_params=counts["total"], expert_share_of_params=round(expert_params / counts["total"], 4)
-    )
+    info.update(total_params=counts["total"], expert_share_of_params=round(expert_params / counts["total"], 4))
     return model, info
 
 
@@ -329,9 +325,7 @@ def _points(hit_rates: dict[str, float | None], a: str, b: str) -> float | None:
 
 def _pick(runs: list[dict], **match: Any) -> list[dict]:
     return [
-        r
-        for r in runs
-        if all(r.get(k) == v or (k == "budget_share" and _close(r[k], v)) for k, v in match.items())
+        r for r in runs if all(r.get(k) == v or (k == "budget_share" and _close(r[k], v)) for k, v in match.items())
     ]
 
 
@@ -509,9 +503,7 @@ def _trained_section(
     curves = _sim_curves(sim_long, main_store, cfg, calib, count_from)  # same shapes, same expert sizes
     quality = _int8_quality(model, ids, val_ids, cfg)
     store = build_expert_store(model, tmp / "store_trained", usage=calib.usage)
-    with EdgeModel(
-        store, memory_budget="100%", cache="lru", prefetch=True, prefetch_min_precision=0.0
-    ) as edge:
+    with EdgeModel(store, memory_budget="100%", cache="lru", prefetch=True, prefetch_min_precision=0.0) as edge:
         decode_stream(edge.model, ids, cfg.prompt_len, after_prefill=edge.reset_stats)
         recall, precision = edge.telemetry.prefetch_recall, edge.telemetry.prefetch_precision
     return {
@@ -568,9 +560,7 @@ def _hf_decode_stream(model: nn.Module, ids: Tensor, prompt_len: int, after_pref
     return _HFStream(torch.stack(logits), mid - start, end - mid, ids.shape[1] - prompt_len)
 
 
-def _hf_section(
-    cfg: EdgeBenchConfig, tmp: Path, ids: Tensor, calib_ids: Tensor, console: Console
-) -> dict[str, Any]:
+def _hf_section(cfg: EdgeBenchConfig, tmp: Path, ids: Tensor, calib_ids: Tensor, console: Console) -> dict[str, Any]:
     """A tiny HF Mixtral of the bench's shape (random init), saved and reloaded locally, served offloaded."""
     try:
         from transformers import MixtralConfig, MixtralForCausalLM
@@ -606,9 +596,7 @@ def _hf_section(
     speeds: list[float] = []
     probe = _resident_probe(model, ids, cfg.prompt_len, _hf_decode_stream, speeds)
     console.print("[bold]HF Mixtral[/] (random init, via moekit.interop)")
-    sub = replace(
-        cfg, policies=tuple(p for p in cfg.policies if p in ("lru", "committee", "least_stale", "belady"))
-    )
+    sub = replace(cfg, policies=tuple(p for p in cfg.policies if p in ("lru", "committee", "least_stale", "belady")))
     runs = _sweep(
         tmp / "store_hf",
         sub,
@@ -684,10 +672,7 @@ def run_edge_bench(
     A tiny or custom-config run is not copied to ``benchmarks/results``.
     """
     mode = "custom" if config is not None else "tiny" if tiny else "quick" if quick else "full"
-    cfg = (
-        config
-        or {"tiny": EdgeBenchConfig.tiny, "quick": EdgeBenchConfig.quick}.get(mode, EdgeBenchConfig.full)()
-    )
+    cfg = config or {"tiny": EdgeBenchConfig.tiny, "quick": EdgeBenchConfig.quick}.get(mode, EdgeBenchConfig.full)()
     console = console or Console()
     started = time.perf_counter()
     load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
@@ -823,9 +808,7 @@ def run_edge_bench(
         **extra,
     }
     _print_summary(result, console)
-    report = write_result(
-        NAME, result, json_path, repo_copy=mode in ("quick", "full"), results_dir=results_dir
-    )
+    report = write_result(NAME, result, json_path, repo_copy=mode in ("quick", "full"), results_dir=results_dir)
     for path in report.paths:
         console.print(f"wrote {path}")
     for note in report.notes:

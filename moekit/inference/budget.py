@@ -41,9 +41,7 @@ def parse_budget(spec: str | int | float, total_expert_bytes: int) -> int:
     elif isinstance(spec, str):
         match = _SPEC.match(spec)
         if match is None:
-            raise BudgetError(
-                f"cannot parse memory budget {spec!r} (examples: '25%', '64MB', '1.5GiB', 4096)"
-            )
+            raise BudgetError(f"cannot parse memory budget {spec!r} (examples: '25%', '64MB', '1.5GiB', 4096)")
         number, unit = float(match.group(1)), match.group(2).lower()
         if unit == "%":
             if not 0 < number <= 100:
@@ -52,9 +50,7 @@ def parse_budget(spec: str | int | float, total_expert_bytes: int) -> int:
         elif unit in _UNITS:
             value = math.floor(number * _UNITS[unit])
         else:
-            raise BudgetError(
-                f"unknown unit {match.group(2)!r} in memory budget {spec!r} (use B, MB, MiB, GB, ...)"
-            )
+            raise BudgetError(f"unknown unit {match.group(2)!r} in memory budget {spec!r} (use B, MB, MiB, GB, ...)")
     else:
         raise BudgetError(f"memory budget must be bytes, a size string or a share like '25%', got {spec!r}")
     if value <= 0:

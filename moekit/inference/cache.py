@@ -190,9 +190,7 @@ class BeladyPolicy(CachePolicy):
         return out
 
 
-def make_policy(
-    name: str, *, pinned: Iterable[Key] = (), trace: Sequence[TraceCall] | None = None
-) -> CachePolicy:
+def make_policy(name: str, *, pinned: Iterable[Key] = (), trace: Sequence[TraceCall] | None = None) -> CachePolicy:
     """A fresh policy by name (``POLICIES``); ``committee`` needs ``pinned``, ``belady`` needs ``trace``."""
     if name == "lru":
         return LRUPolicy()
@@ -315,9 +313,7 @@ class ExpertCache:
         ``may_wait``)."""
         pinned = self.policy.pinned
         if not may_wait:  # do not evict anything unless the whole room can be made
-            free_bytes = sum(
-                e.nbytes for k, e in self.entries.items() if e.locks == 0 and k not in pinned and e.ready
-            )
+            free_bytes = sum(e.nbytes for k, e in self.entries.items() if e.locks == 0 and k not in pinned and e.ready)
             if self.resident_bytes - free_bytes + nbytes > self.capacity:
                 return False
         while self.resident_bytes + nbytes > self.capacity:
@@ -369,8 +365,7 @@ class ExpertCache:
                 chunk, used = [], 0
             if nbytes > room:
                 raise BudgetError(
-                    f"expert {key} ({format_bytes(nbytes)}) does not fit the unpinned budget "
-                    f"{format_bytes(room)}"
+                    f"expert {key} ({format_bytes(nbytes)}) does not fit the unpinned budget {format_bytes(room)}"
                 )
             chunk.append(key)
             used += nbytes
@@ -452,9 +447,7 @@ class ExpertCache:
                 continue
             nbytes = self.sizes(key)
             if not self._make_room(nbytes, may_wait=True):
-                raise BudgetError(
-                    f"the preloaded experts do not fit the budget {format_bytes(self.capacity)}"
-                )
+                raise BudgetError(f"the preloaded experts do not fit the budget {format_bytes(self.capacity)}")
             value = self.loader(key) if self.loader is not None else None
             self._add(key, _Entry(nbytes, value=value))
             self.policy.on_insert(key)
@@ -496,9 +489,7 @@ def simulate(
     return cache.stats
 
 
-def committee_from_usage(
-    usage: Sequence[Sequence[int]], sizes: Callable[[Key], int], pin_bytes: int
-) -> list[Key]:
+def committee_from_usage(usage: Sequence[Sequence[int]], sizes: Callable[[Key], int], pin_bytes: int) -> list[Key]:
     """The most-used experts (over all layers, by calibration count) whose bytes fit ``pin_bytes``."""
     ranked = sorted(
         ((int(c), layer, e) for layer, counts in enumerate(usage) for e, c in enumerate(counts)),

@@ -46,9 +46,7 @@ class Prefetcher:
         smoothing: float = 0.1,
     ) -> None:
         if not 0 <= min_precision <= 1 or not 0 < smoothing <= 1:
-            raise ValueError(
-                f"need 0 <= min_precision <= 1 and 0 < smoothing <= 1, got {min_precision}, {smoothing}"
-            )
+            raise ValueError(f"need 0 <= min_precision <= 1 and 0 < smoothing <= 1, got {min_precision}, {smoothing}")
         self.routers = list(routers)
         self.cache, self.load, self.telemetry = cache, load, telemetry
         self.min_precision, self.smoothing = min_precision, smoothing

@@ -54,9 +54,7 @@ class ExpertRuntime:
         self.cache, self.telemetry, self.quantized = cache, telemetry, quantized
         self.prefetcher: Prefetcher | None = None
 
-    def run_call(
-        self, layer: int, experts: tuple[int, ...], x: Tensor, compute: Callable[[int, Any], None]
-    ) -> None:
+    def run_call(self, layer: int, experts: tuple[int, ...], x: Tensor, compute: Callable[[int, Any], None]) -> None:
         """One MoE layer call: fetch ``experts`` chunk by chunk, start the next layer's prefetch once the
         first chunk is resident, and ``compute(e, weights)`` each expert."""
         self.telemetry.record_call(layer, experts)
@@ -205,12 +203,8 @@ class EdgeModel:
             total_bytes=total,
         )
         self.telemetry = Telemetry()
-        self.runtime = ExpertRuntime(
-            self.cache, self.telemetry, quantized=self.store.quantization is not None
-        )
-        self.model = attach(
-            model if model is not None else build_skeleton(self.store), self.store, self.runtime
-        )
+        self.runtime = ExpertRuntime(self.cache, self.telemetry, quantized=self.store.quantization is not None)
+        self.model = attach(model if model is not None else build_skeleton(self.store), self.store, self.runtime)
         self.model.register_forward_pre_hook(lambda *_: self.telemetry.next_step())
         if prefetch:
             routers = []
@@ -345,9 +339,7 @@ def decode_stream(
     is not counted.
     """
     if ids.dim() != 2 or ids.shape[0] != 1 or not 1 <= prompt_len <= ids.shape[1]:
-        raise ValueError(
-            f"ids must be (1, N) with 1 <= prompt_len <= N, got {tuple(ids.shape)}, {prompt_len}"
-        )
+        raise ValueError(f"ids must be (1, N) with 1 <= prompt_len <= N, got {tuple(ids.shape)}, {prompt_len}")
     was_training = model.training
     model.eval()
     try:

@@ -173,9 +173,7 @@ def build_expert_store(
     for li, (name, layer) in enumerate(layers):
         experts = layer.experts
         if not isinstance(experts, GroupedFFN):
-            raise TypeError(
-                f"{name}.experts is {type(experts).__name__}; the expert store needs GroupedFFN experts"
-            )
+            raise TypeError(f"{name}.experts is {type(experts).__name__}; the expert store needs GroupedFFN experts")
         expert_storages.update(p.untyped_storage().data_ptr() for p in experts.parameters())
         files = []
         for e in range(experts.num_experts):
@@ -183,9 +181,7 @@ def build_expert_store(
             if quantization == "int8":
                 tensors = quantize_expert(tensors)
             rel = f"experts/l{li:03d}/e{e:04d}.safetensors"
-            data = safetensors.torch.save(
-                tensors, metadata={"format": FORMAT, "layer": str(li), "expert": str(e)}
-            )
+            data = safetensors.torch.save(tensors, metadata={"format": FORMAT, "layer": str(li), "expert": str(e)})
             atomic_write_bytes(root / rel, data)
             nbytes = _tensor_bytes(tensors)
             total += nbytes
@@ -231,9 +227,7 @@ def build_expert_store(
 
 
 def _check_usage(usage: list[list[int]], layers: list[dict]) -> list[list[int]]:
-    if len(usage) != len(layers) or any(
-        len(u) != lay["num_experts"] for u, lay in zip(usage, layers, strict=True)
-    ):
+    if len(usage) != len(layers) or any(len(u) != lay["num_experts"] for u, lay in zip(usage, layers, strict=True)):
         raise ValueError("usage must hold one count per expert of every MoE layer")
     return [[int(c) for c in u] for u in usage]
 
@@ -250,9 +244,7 @@ class ExpertStore:
         storage_mbps: emulate a device of this many MB/s (None = as fast as the disk is).
     """
 
-    def __init__(
-        self, root: str | os.PathLike, checksums: str = "first", storage_mbps: float | None = None
-    ) -> None:
+    def __init__(self, root: str | os.PathLike, checksums: str = "first", storage_mbps: float | None = None) -> None:
         if checksums not in CHECKSUM_MODES:
             raise ValueError(f"checksums must be one of {CHECKSUM_MODES}, got {checksums!r}")
         self.root = Path(root)
@@ -282,9 +274,7 @@ class ExpertStore:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise StoreError(f"{path} is not a moekit expert-store manifest")
         if manifest.get("version") != VERSION:
-            raise StoreError(
-                f"{path} has store version {manifest.get('version')!r}; this moekit reads {VERSION}"
-            )
+            raise StoreError(f"{path} has store version {manifest.get('version')!r}; this moekit reads {VERSION}")
         for field in ("resident", "layers", "model"):
             if field not in manifest:
                 raise StoreError(f"{path} lacks the field {field!r}")
@@ -292,9 +282,7 @@ class ExpertStore:
 
     @staticmethod
     def _layer_info(d: dict[str, Any]) -> LayerInfo:
-        experts = tuple(
-            ExpertFile(f["file"], f["file_bytes"], f["nbytes"], f["sha256"]) for f in d["experts"]
-        )
+        experts = tuple(ExpertFile(f["file"], f["file_bytes"], f["nbytes"], f["sha256"]) for f in d["experts"])
         return LayerInfo(
             d["index"],
             d["module"],
@@ -382,9 +370,7 @@ class ExpertStore:
             raise StoreError(f"expert store file {path} is missing") from None
         if len(data) != size:
             what = "truncated" if len(data) < size else "longer than recorded"
-            raise StoreError(
-                f"expert store file {path} is {what}: {len(data)} bytes, the manifest says {size}"
-            )
+            raise StoreError(f"expert store file {path} is {what}: {len(data)} bytes, the manifest says {size}")
         if sha256 is not None:
             digest = _sha256(data)
             if digest != sha256:

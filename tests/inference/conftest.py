@@ -23,9 +23,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def lm() -> MoETransformerLM:
     torch.manual_seed(0)
-    cfg = LMConfig(
-        vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=64, num_experts=8, k=2, max_seq_len=64
-    )
+    cfg = LMConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=64, num_experts=8, k=2, max_seq_len=64)
     model = MoETransformerLM(cfg).eval()
     with torch.no_grad():  # larger expert weights than the init, so that routing varies along the stream
         for _, layer in model.moe_layers():

@@ -24,9 +24,7 @@ def size(_key) -> int:
     return SIZE
 
 
-def random_trace(
-    seed: int, steps: int = 60, layers: int = 3, experts: int = 8, k: int = 2, skew: float = 1.2
-):
+def random_trace(seed: int, steps: int = 60, layers: int = 3, experts: int = 8, k: int = 2, skew: float = 1.2):
     rng = random.Random(seed)
     weights = [1.0 / (e + 1) ** skew for e in range(experts)]  # Zipf-like popularity
     trace = []
@@ -57,9 +55,7 @@ def test_budget_never_exceeded_and_belady_is_best(seed):
         capacity = slots * SIZE
         rates = {}
         for name in POLICIES:
-            stats = simulate(
-                trace, policy_for(name, trace, capacity), capacity, size, min_call_bytes=2 * SIZE
-            )
+            stats = simulate(trace, policy_for(name, trace, capacity), capacity, size, min_call_bytes=2 * SIZE)
             assert stats.peak_bytes <= capacity
             assert stats.accesses == 2 * len(trace)
             rates[name] = stats.hit_rate

@@ -40,9 +40,7 @@ def test_edge_bench_tiny(tmp_path):
     assert set(s["goals"]) == {"speedup_vs_naive", "fraction_of_full_speed", "hit_rate_gain_vs_lru"}
     # naive + 1 budget x 3 policies x (with, without prefetch), one throttle
     assert len(result["cases"]) == 1 + 3 * 2
-    assert all(
-        c["peak_resident_expert_bytes"] <= c["budget_bytes"] for c in result["cases"] if c["cache"] != "naive"
-    )
+    assert all(c["peak_resident_expert_bytes"] <= c["budget_bytes"] for c in result["cases"] if c["cache"] != "naive")
     int8 = result["int8"]
     assert int8["expert_bytes_int8"] < int8["expert_bytes_fp32"] and int8["runtime_matches_dequantized_model"]
     assert result["trained_model"]["int8_quality"]["top1_agreement"] > 0.5

@@ -63,9 +63,7 @@ def test_runtime_hits_equal_the_replayed_trace(store_dir, reference, ids):
             decode_stream(edge.model, ids, PROMPT)
             got = edge.cache.stats
             budget, store = edge.settings.budget_bytes, edge.store
-        replay = simulate(
-            rec.trace, make_policy(cache, trace=rec.trace), budget, store.nbytes, min_call_bytes(store)
-        )
+        replay = simulate(rec.trace, make_policy(cache, trace=rec.trace), budget, store.nbytes, min_call_bytes(store))
         assert (got.hits, got.accesses, got.loads) == (replay.hits, replay.accesses, replay.loads), cache
 
 

@@ -27,9 +27,7 @@ def test_manifest_and_expert_files(lm, store_dir):
             got = store.load_expert((lay.index, e))
             for name, w in layers[lay.index][1].experts.expert_parameters(e).items():
                 assert torch.equal(got[name], w)
-    assert (
-        store.expert_bytes == total == sum(p.numel() * 4 for _, m in layers for p in m.experts.parameters())
-    )
+    assert store.expert_bytes == total == sum(p.numel() * 4 for _, m in layers for p in m.experts.parameters())
     assert store.bytes_read == sum(f.file_bytes for lay in store.layers for f in lay.experts)
     assert store.reads == 24
     assert store.usage is not None and len(store.usage) == 3
