@@ -270,6 +270,14 @@ def bench_retrieval(quick: QuickOpt = False, json_path: JsonOpt = None, tiny: Ti
     run_retrieval_bench(quick=quick, json_path=json_path, tiny=_tiny(tiny), console=_console())
 
 
+@bench_app.command("tabular")
+def bench_tabular(quick: QuickOpt = False, json_path: JsonOpt = None, tiny: TinyOpt = False) -> None:
+    """MoEClassifier / MoERegressor vs linear, random forest, HistGradientBoosting and MLP (5-fold CV)."""
+    from moekit.bench.tabular import run_tabular_bench
+
+    run_tabular_bench(quick=quick, json_path=json_path, tiny=_tiny(tiny), console=_console())
+
+
 def main() -> None:
     """Console-script entry point (``moekit = "moekit.cli:main"``)."""
     app()
