@@ -43,7 +43,7 @@ class MoELayer(nn.Module):
         backend: grouped GEMM backend: ``"auto"``, ``"grouped_mm"``, ``"bmm"`` or ``"loop"``.
         router_options: extra keyword arguments for the router constructor.
         loss_weights: weight of each named loss in ``MoEOutput.aux_loss`` (defaults: ``DEFAULT_LOSS_WEIGHTS``).
-        check_finite: raise on NaN/inf input (costs a device sync).
+        check_finite: raise on NaN/inf at real tokens (masked positions are ignored; costs a device sync).
     """
 
     def __init__(
@@ -136,6 +136,7 @@ class MoELayer(nn.Module):
             ids_flat = ids_flat[real_idx] if ids_flat is not None else None
         else:
             x_real = x_flat
+        self._check_finite(x_real)
 
         routing = self.router(x_real, token_ids=ids_flat, seq_ids=seq_ids)
         plan = self._plan(routing)
@@ -214,9 +215,12 @@ class MoELayer(nn.Module):
                 raise ValueError(f"token_ids must have shape {tuple(lead)}, got {tuple(token_ids.shape)}")
         elif self.router.needs_token_ids:
             raise ValueError(f"token_ids are required by router {type(self.router).__name__} (hash routing)")
-        if self.check_finite and x.numel() and not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or infinite values (check_finite=True)")
         return lead
+
+    def _check_finite(self, x_real: Tensor) -> None:
+        # Only real tokens: padding may hold anything (a NaN under the mask is never routed nor used).
+        if self.check_finite and x_real.numel() and not bool(torch.isfinite(x_real).all()):
+            raise ValueError("x contains NaN or infinite values at real (unmasked) tokens (check_finite=True)")
 
     # ------------------------------------------------------------------ hooks between steps
     def after_optimizer_step(self) -> None:

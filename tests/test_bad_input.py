@@ -105,6 +105,20 @@ def test_non_finite_input_with_check_finite(moe, bad):
     moe(x)  # not checked: runs (and propagates the value)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_check_finite_ignores_masked_positions(moe, bad):
+    x = torch.randn(2, 3, 8)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    x[0, 2, 1] = bad  # padding may hold anything
+    x[1, 1] = bad
+    out = moe(x, mask)
+    assert torch.isfinite(out.output).all()
+    assert (out.output[~mask] == 0).all()  # masked tokens get zero MoE output, not the bad value
+    x[1, 0, 5] = bad  # ... but a real token may not
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        moe(x, mask)
+
+
 def test_bad_masks(moe):
     x = torch.randn(2, 3, 8)
     with pytest.raises(ValueError, match="mask"):

@@ -30,6 +30,7 @@ from rich.markup import escape
 from torch import Tensor, nn
 
 from moekit.bench.common import (
+    Measurement,
     TimingConfig,
     environment,
     num_threads,
@@ -85,20 +86,28 @@ class LayerCase:
 
 
 HEADLINE = LayerCase()
+#: The quick run's headline: E=64, k=2, fp32 and 128 pairs per expert as in the full run, at half the widths, so
+#: that every candidate (the per-expert loops too, whose cost grows with E x weight size) fits in about a minute.
+QUICK_HEADLINE = replace(HEADLINE, d_model=256, d_ff=512)
+#: HF experts implementations the quick run times ("eager" is a per-expert loop like ``naive_loop``, minutes per
+#: step at the full size; the full run times it).
+QUICK_HF_IMPLS = ("grouped_mm", "batched_mm")
+#: Quick timing: 1 warmup + 2 timed calls in CPU time of one thread, so that a shared, loaded machine (where
+#: wall-clock medians swing 3x) still gives stable ratios; the full run measures wall-clock time.
+QUICK_TIMING = TimingConfig(warmup=1, repeats=2, threads=1, clock="cpu")
 
 
 def full_cases() -> list[LayerCase]:
     """tokens 4096, d_model 512, d_ff 1024; E in {8, 64}, k in {2, 8}, fp32 and bf16; the headline first."""
     grid = [
-        LayerCase(num_experts=e, k=k, dtype=dt)
-        for dt, e, k in itertools.product(("fp32", "bf16"), (64, 8), (2, 8))
+        LayerCase(num_experts=e, k=k, dtype=dt) for dt, e, k in itertools.product(("fp32", "bf16"), (64, 8), (2, 8))
     ]
     return [HEADLINE] + [case for case in grid if case != HEADLINE]
 
 
 def quick_cases() -> list[LayerCase]:
-    """Just the headline case (E=64, k=2, fp32)."""
-    return [HEADLINE]
+    """Just the headline case (E=64, k=2, fp32, 4096 tokens) at d_model 256, d_ff 512 (see ``QUICK_HEADLINE``)."""
+    return [QUICK_HEADLINE]
 
 
 def tiny_cases() -> list[LayerCase]:
@@ -115,7 +124,10 @@ class LayerBenchConfig:
         router: moekit router, ``"topk"`` or ``"mixtral"`` (same math as the naive loop and the HF blocks).
         backends: moekit grouped-GEMM backends to time.
         hf: include the Hugging Face blocks (skipped with a note when transformers is missing).
-        timing: warmup/repeats/threads (None: by mode; quick 1+3, full 1+5, tiny 1+2).
+        timing: warmup/repeats/threads/clock (None: by mode; quick ``QUICK_TIMING``, full 1+3, tiny 1+2).
+        slow_repeats: timed calls (no warmup) of the per-expert Python loops (``naive_loop``, HF ``eager``),
+            which take 10-50x longer than the rest; their first call is already steady (seconds long).
+        hf_impls: HF ``experts_implementation`` values to time (None: ``"eager"`` and all registered ones).
         seed: weights and inputs.
         gather_limit_gib: skip a candidate whose per-pair weight gather (HF ``batched_mm``) would
             need more memory.
@@ -126,18 +138,20 @@ class LayerBenchConfig:
     backends: tuple[str, ...] = BACKENDS
     hf: bool = True
     timing: TimingConfig | None = None
+    slow_repeats: int = 1
+    hf_impls: tuple[str, ...] | None = None
     seed: int = 0
     gather_limit_gib: float = 2.0
     rtol: tuple[tuple[str, float], ...] = (("fp32", 1e-3), ("bf16", 5e-2))
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
-            raise ValueError(
-                f"router must be one of {ROUTERS} (the routing the baselines share), got {self.router!r}"
-            )
+            raise ValueError(f"router must be one of {ROUTERS} (the routing the baselines share), got {self.router!r}")
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown or not self.backends:
             raise ValueError(f"backends must be a non-empty subset of {BACKENDS}, got {self.backends!r}")
+        if isinstance(self.slow_repeats, bool) or not isinstance(self.slow_repeats, int) or self.slow_repeats < 1:
+            raise ValueError(f"slow_repeats must be an int >= 1, got {self.slow_repeats!r}")
 
 
 # ---------------------------------------------------------------------------------------------- candidates
@@ -181,6 +195,7 @@ class Candidate:
     forward: Callable[[Tensor], Tensor]
     choice: Callable[[Tensor], Tensor] | None = None
     note: str = ""
+    slow: bool = False  # a per-expert Python loop: timed ``slow_repeats`` times, without warmup
 
 
 @dataclass
@@ -211,13 +226,11 @@ def _build(case: LayerCase, cfg: LayerBenchConfig, x: Tensor) -> _Built:
     naive = NaiveLoopMoE(router_w, gate_up, down, k)
     candidates = [
         Candidate("dense", "dense", dense, note=f"SwiGLU width k*d_ff={k * Fw}"),
-        Candidate("naive_loop", "naive", naive, lambda t: naive.route(t)[1].sort(dim=-1).values),
+        Candidate("naive_loop", "naive", naive, lambda t: naive.route(t)[1].sort(dim=-1).values, slow=True),
     ]
     skipped: dict[str, str] = {}
     for backend in cfg.backends:
-        layer = (
-            base if backend == cfg.backends[0] else MoELayer(D, Fw, E, k, router=cfg.router, backend=backend)
-        )
+        layer = base if backend == cfg.backends[0] else MoELayer(D, Fw, E, k, router=cfg.router, backend=backend)
         if layer is not base:  # share the very same tensors (no copy, same gradients)
             layer.router.weight, layer.experts.gate_up_proj, layer.experts.down_proj = router_w, gate_up, down
         ran_as = resolve_backend(backend, x, gate_up)
@@ -253,10 +266,16 @@ def _hf_candidates(
             Qwen3MoeConfig(moe_intermediate_size=Fw, num_experts=E, norm_topk_prob=True, **sizes)
         ),
     }
-    impls = ["eager", *ALL_EXPERTS_FUNCTIONS.keys()]
-    gather_gib = case.tokens * k * 3 * D * Fw * gate_up.element_size() / 2**30
     candidates: list[Candidate] = []
     skipped: dict[str, str] = {}
+    impls = ["eager", *ALL_EXPERTS_FUNCTIONS.keys()]
+    if cfg.hf_impls is not None:
+        for impl in impls:
+            if impl not in cfg.hf_impls:
+                for prefix in blocks:
+                    skipped[f"{prefix}/{impl}"] = "not timed in this mode (hf_impls); the full run times it"
+        impls = [impl for impl in impls if impl in cfg.hf_impls]
+    gather_gib = case.tokens * k * 3 * D * Fw * gate_up.element_size() / 2**30
     for prefix, block in blocks.items():
         block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj = router_w, gate_up, down
         block.train()
@@ -269,7 +288,7 @@ def _hf_candidates(
                     f"> gather_limit_gib={cfg.gather_limit_gib:g}"
                 )
                 continue
-            candidates.append(Candidate(name, "hf", _hf_forward(block, impl), choice))
+            candidates.append(Candidate(name, "hf", _hf_forward(block, impl), choice, slow=impl == "eager"))
     return candidates, skipped
 
 
@@ -301,9 +320,7 @@ def check_agreement(
                 continue
             try:
                 out = cand.forward(x).float()
-                same = (
-                    (cand.choice(x) == ref_choice).all(dim=-1) if cand.choice else torch.ones_like(ref[:, 0])
-                )
+                same = (cand.choice(x) == ref_choice).all(dim=-1) if cand.choice else torch.ones_like(ref[:, 0])
             except Exception as exc:  # a candidate that cannot run here is skipped, with why
                 failed[cand.name] = f"{type(exc).__name__}: {exc}".strip()[:500]
                 continue
@@ -316,9 +333,7 @@ def check_agreement(
             }
     bad = {n: d for n, d in diffs.items() if not d["rel_diff"] <= rtol or d["routing_mismatch_share"] > 0.5}
     if bad:
-        raise AssertionError(
-            f"outputs disagree with the naive loop (rtol={rtol:g}, scale={scale:.3g}): {bad}"
-        )
+        raise AssertionError(f"outputs disagree with the naive loop (rtol={rtol:g}, scale={scale:.3g}): {bad}")
     return diffs, failed
 
 
@@ -349,8 +364,16 @@ def bench_case(
 
     if progress is not None:
         progress(f"outputs agree; timing {len(runnable)} candidates")
-    steps = {c.name: step(c.forward) for c in runnable}
-    measured = time_interleaved(steps, timing, on_error=(Exception,), progress=progress)
+    fast = {c.name: step(c.forward) for c in runnable if not c.slow}
+    measured = time_interleaved(fast, timing, on_error=(Exception,), progress=progress)
+    slow = {c.name: step(c.forward) for c in runnable if c.slow}
+    if slow:
+        if progress is not None:
+            progress(f"timing the per-expert loops {sorted(slow)} ({cfg.slow_repeats} call each)")
+        slow_timing = replace(timing, warmup=0, repeats=cfg.slow_repeats)
+        slow_measured = time_interleaved(slow, slow_timing, on_error=(Exception,))
+        measured = Measurement({**measured.timings, **slow_measured.timings}, measured.failed)
+        failed.update(slow_measured.failed)
     failed.update(measured.failed)
     dense_ms = measured.timings["dense"].median_ms if "dense" in measured.timings else math.nan
     rows = []
@@ -374,6 +397,7 @@ def bench_case(
         "candidates": rows,
         "skipped": {**built.skipped, **failed},
         "rtol": rtol,
+        "clock": timing.clock,
     }
 
 
@@ -409,6 +433,7 @@ def summarize(case_result: dict[str, Any]) -> dict[str, Any]:
     diffs = [r["max_abs_diff"] for r in rows.values() if r.get("max_abs_diff") is not None]
     return {
         "case": case_result["case"]["name"],
+        "shape": {key: case_result["case"][key] for key in ("tokens", "d_model", "d_ff")},
         **values,
         "best_backend": moe["name"].split("/", 1)[1] if moe else None,
         "moekit_ms": moe["median_ms"] if moe else None,
@@ -464,11 +489,12 @@ def run_layer_bench(
     chosen = list(cases) if cases is not None else by_mode[mode]()
     if not chosen:
         raise ValueError("no cases to run")
-    timing = cfg.timing or {"tiny": TimingConfig(1, 2), "quick": TimingConfig(1, 3)}.get(
-        mode, TimingConfig(1, 5)
-    )
+    if config is None and mode == "quick":
+        cfg = replace(cfg, hf_impls=QUICK_HF_IMPLS)
+    timing = cfg.timing or {"tiny": TimingConfig(1, 2), "quick": QUICK_TIMING}.get(mode, TimingConfig(1, 3))
     if threads is not None:
-        timing = replace(timing, threads=threads)
+        # CPU time counts every thread's spinning too: it is only the measure for one thread.
+        timing = replace(timing, threads=threads, clock=timing.clock if threads == 1 else "wall")
     console = console or Console()
     results = []
     with num_threads(timing.threads) as used_threads:
@@ -492,7 +518,10 @@ def run_layer_bench(
                 "seed": cfg.seed,
                 "warmup": timing.warmup,
                 "repeats": timing.repeats,
+                "clock": timing.clock,
+                "slow_repeats": cfg.slow_repeats,
                 "hf": cfg.hf,
+                "hf_impls": None if cfg.hf_impls is None else list(cfg.hf_impls),
             },
         }
         if profile:
@@ -509,9 +538,7 @@ def run_layer_bench(
                 console,
             )
     _print_summary(result["summary"], console)
-    report = write_result(
-        NAME, result, json_path, repo_copy=mode in ("quick", "full"), results_dir=results_dir
-    )
+    report = write_result(NAME, result, json_path, repo_copy=mode in ("quick", "full"), results_dir=results_dir)
     for path in report.paths:
         console.print(f"wrote {path}")
     for note in report.notes:
@@ -521,11 +548,11 @@ def run_layer_bench(
 
 def _print_case(res: dict[str, Any], console: Console) -> None:
     rows = [
-        [r["name"], r["median_ms"], r["min_ms"], r["ratio_vs_dense"], r.get("max_abs_diff")]
-        for r in res["candidates"]
+        [r["name"], r["median_ms"], r["min_ms"], r["ratio_vs_dense"], r.get("max_abs_diff")] for r in res["candidates"]
     ]
     print_table(
-        f"{res['case']['name']}: ms per forward+backward",
+        f"{res['case']['name']}: ms per forward+backward"
+        + (" (CPU time, one thread)" if res.get("clock") == "cpu" else ""),
         ["candidate", "median ms", "min ms", "x dense", "max |diff|"],
         rows,
         console,

@@ -44,8 +44,9 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     # Grad is forced on: a first call under no_grad must not cache 'unsupported' for the whole process.
     try:
         with torch.enable_grad():
-            x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
-            w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            # Deterministic operands: the probe must not advance the global RNG (seeded runs would differ).
+            x = torch.ones(16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
             offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
             y = torch._grouped_mm(x, w, offs=offs)
             y.backward(torch.ones_like(y))
@@ -106,10 +107,60 @@ def _grouped_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
 
 
 def _loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
-    # split/unbind (not slicing in a loop): their backward is one cat/stack, not E full-size zero tensors.
-    rows = x.split(counts.tolist())
-    outs = [F.linear(x_e, w_e) for x_e, w_e in zip(rows, w.unbind(0), strict=True) if x_e.shape[0]]
-    return torch.cat(outs, dim=0)
+    if torch.compiler.is_compiling():
+        # Dynamo traces plain ops; the hand-written backward below reads sizes on the host, which it cannot.
+        rows = x.split(counts.tolist())
+        outs = [F.linear(x_e, w_e) for x_e, w_e in zip(rows, w.unbind(0), strict=True) if x_e.shape[0]]
+        return torch.cat(outs, dim=0)
+    return _LoopLinear.apply(x, w, counts)
+
+
+class _LoopLinear(torch.autograd.Function):
+    """One ``mm`` per non-empty expert, each writing straight into its rows of a preallocated output.
+
+    Autograd on slices would build a full-size zero gradient per slice and a ``cat``/``stack`` per backward;
+    here the forward, ``dx`` and ``dw`` each fill one buffer (empty experts get a zero weight gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, counts: Tensor) -> Tensor:  # noqa: D102
+        sizes = counts.tolist()  # one host sync: the loop needs the group sizes
+        x = x.contiguous()
+        out = x.new_empty(x.shape[0], w.shape[1])  # (P, out)
+        for e, (start, stop) in enumerate(_bounds(sizes)):
+            if stop > start:
+                torch.mm(x[start:stop], w[e].t(), out=out[start:stop])
+        ctx.save_for_backward(x, w)
+        ctx.sizes = sizes
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: D102
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gx = torch.empty_like(x) if need_x else None  # (P, in)
+        gw = torch.empty_like(w) if need_w else None  # (E, out, in)
+        for e, (start, stop) in enumerate(_bounds(ctx.sizes)):
+            if stop == start:
+                if gw is not None:
+                    gw[e].zero_()
+                continue
+            g_e = grad[start:stop]  # (n, out)
+            if gx is not None:
+                torch.mm(g_e, w[e], out=gx[start:stop])
+            if gw is not None:
+                torch.mm(g_e.t(), x[start:stop], out=gw[e])
+        return gx, gw, None
+
+
+def _bounds(sizes: list[int]) -> list[tuple[int, int]]:
+    """[start, stop) row range of each group."""
+    bounds, start = [], 0
+    for n in sizes:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
 
 
 def _padded_bmm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:

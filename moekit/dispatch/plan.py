@@ -12,8 +12,8 @@ Dropped pairs contribute nothing to the output; a token all of whose pairs are d
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -51,10 +51,20 @@ def plan_dropless(routing: Routing) -> DispatchPlan:
     )
 
 
+def ceil_scaled(factor: float, numerator: int, denominator: int) -> int:
+    """Exact ``ceil(factor * numerator / denominator)``, with ``factor`` read as the decimal it prints as.
+
+    Float arithmetic lands on the wrong side of integer boundaries (``1.1 * 100 / 10`` is ``11.000000000000002``,
+    whose ceil is 12); the capacity formulas mean the decimal the user wrote, so it is evaluated as a fraction.
+    """
+    exact = Fraction(factor) if isinstance(factor, int) else Fraction(repr(float(factor)))
+    q = exact * numerator / denominator
+    return -(-q.numerator // q.denominator)
+
+
 def expert_capacity(num_pairs: int, num_experts: int, capacity_factor: float, min_capacity: int = 0) -> int:
-    """Pairs one expert may take: ``max(ceil(capacity_factor * P / E), min_capacity)``."""
-    # Shave float noise off before the ceil: 1.1 * 100 / 10 is 11.000000000000002, which must give 11, not 12.
-    return max(math.ceil(capacity_factor * num_pairs / num_experts * (1 - 1e-12)), min_capacity)
+    """Pairs one expert may take: ``max(ceil(capacity_factor * P / E), min_capacity)``, computed exactly."""
+    return max(ceil_scaled(capacity_factor, num_pairs, num_experts), min_capacity)
 
 
 def plan_capacity(

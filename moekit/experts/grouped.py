@@ -18,6 +18,31 @@ from moekit.dispatch.backends import check_backend, grouped_linear
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 
 
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` of h = [gate | up] (n, 2F) -> (n, F), whose backward fills one (n, 2F) gradient.
+
+    The autograd of ``h.chunk(2)`` would join the two halves' gradients with a ``cat`` (a copy of the largest
+    activation of the layer); here each half is written in place.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:  # noqa: D102
+        gate, up = h.chunk(2, dim=-1)
+        silu_gate = F.silu(gate)  # (n, F), kept for backward as autograd would
+        ctx.save_for_backward(h, silu_gate)
+        return silu_gate * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        h, silu_gate = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)  # (n, 2F)
+        d_gate, d_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, silu_gate, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        return grad_h
+
+
 class GroupedFFN(nn.Module):
     """E feed-forward experts of width ``d_ff`` sharing one grouped GEMM.
 
@@ -65,8 +90,10 @@ class GroupedFFN(nn.Module):
 
     def _act(self, h: Tensor) -> Tensor:
         if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
+            if torch.compiler.is_compiling() or h.dim() != 2:
+                gate, up = h.chunk(2, dim=-1)
+                return F.silu(gate) * up
+            return _SwiGLU.apply(h)
         if self.activation == "geglu":
             gate, up = h.chunk(2, dim=-1)
             return F.gelu(gate) * up

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -63,9 +64,7 @@ def _routing(
     device, dtype = x.device, router_dtype(x)
     token_idx = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=device)
     expert_idx = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device)
-    weight = (
-        torch.stack([p[2].to(dtype) for p in pairs]) if pairs else torch.empty(0, dtype=dtype, device=device)
-    )
+    weight = torch.stack([p[2].to(dtype) for p in pairs]) if pairs else torch.empty(0, dtype=dtype, device=device)
     logit_t = probs = None
     if logits is not None:
         logit_t = torch.stack([torch.stack(row) for row in logits]).to(dtype)
@@ -99,7 +98,8 @@ def reference_expert_choice(router: ExpertChoiceRouter, x: Tensor) -> Routing:
         routing = _routing(_slot_major(choices), T, E, x, logits)
         routing.stats["unrouted_share"] = 0.0
         return routing
-    capacity = min(T, math.ceil(T * k * router.capacity_factor / E))
+    # The decimal the user wrote, in exact arithmetic (1.1 * 100 / 10 is 11, not the float 11.000000000000002).
+    capacity = min(T, math.ceil(Fraction(repr(float(router.capacity_factor))) * T * k / E))
     pairs = []
     for e in range(E):
         ranked = sorted(range(T), key=lambda t, e=e: -_f(scores[t][e]))
@@ -142,9 +142,7 @@ def reference_hash(router: HashRouter, x: Tensor, token_ids: Tensor) -> Routing:
 
 
 # ------------------------------------------------------------------------------------------ sinkhorn
-def reference_sinkhorn_matrix(
-    logits: list[list[float]], n_iters: int, eps: float | None = None
-) -> list[list[float]]:
+def reference_sinkhorn_matrix(logits: list[list[float]], n_iters: int, eps: float | None = None) -> list[list[float]]:
     """Sinkhorn on exp(logits) with Python floats, row by row then column by column.
 
     Rows are scaled to sum to 1, columns to T/E; same iteration and early stop as ``sinkhorn_log``.
@@ -172,9 +170,7 @@ def reference_sinkhorn(router: SinkhornRouter, x: Tensor) -> Routing:
     weight = router.weight.to(dtype)
     logits = [_token_logits(x[t].to(dtype), weight) for t in range(T)]
     if router.training:
-        ranking = reference_sinkhorn_matrix(
-            [[_f(v) for v in row] for row in logits], router.n_iters, router.eps
-        )
+        ranking = reference_sinkhorn_matrix([[_f(v) for v in row] for row in logits], router.n_iters, router.eps)
     else:
         ranking = [[_f(v) for v in row] for row in logits]
     choices = []
@@ -195,9 +191,7 @@ def reference_base(router: BaseRouter, x: Tensor) -> Routing:
     aff = [[_f(v) for v in row] for row in logits]
     if router.training:
         if E**T > MAX_BRUTE_FORCE:
-            raise ValueError(
-                f"reference_base enumerates E**T = {E**T} assignments, more than {MAX_BRUTE_FORCE}"
-            )
+            raise ValueError(f"reference_base enumerates E**T = {E**T} assignments, more than {MAX_BRUTE_FORCE}")
         if router.capacity is None:
             lo, hi = T // E, -(-T // E)
         else:
@@ -236,16 +230,12 @@ def reference_top_any(router: TopAnyRouter, x: Tensor) -> Routing:
             chosen = [max(range(E), key=lambda e, s=s: _f(s[e]))]
             fallbacks += 1
         soft = _softmax([s[e] for e in chosen])
-        weighted = [
-            (e, p * (1.0 + (margin[e] - margin[e].detach()))) for e, p in zip(chosen, soft, strict=True)
-        ]
+        weighted = [(e, p * (1.0 + (margin[e] - margin[e].detach()))) for e, p in zip(chosen, soft, strict=True)]
         choices.append(sorted(weighted, key=lambda pair, s=s: -_f(s[pair[0]])))
         scores.append(s)
     routing = _routing(_slot_major(choices), T, E, x, scores if T else None)
     total = sum(
-        (_dot(gate_vectors[i], gate_vectors[j]) - (1.0 if i == j else 0.0)) ** 2
-        for i in range(E)
-        for j in range(E)
+        (_dot(gate_vectors[i], gate_vectors[j]) - (1.0 if i == j else 0.0)) ** 2 for i in range(E) for j in range(E)
     )
     routing.losses["diversity"] = torch.sqrt(total)
     routing.stats["fallback_share"] = fallbacks / T if T else 0.0

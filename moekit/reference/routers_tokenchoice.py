@@ -127,9 +127,7 @@ def reference_noisy_topk(router: NoisyTopKRouter, x: Tensor, noise: Tensor | Non
     T, E, k = x.shape[0], router.num_experts, router.k
     noisy = router.training and router.noise
     if noisy and (noise is None or noise.shape != (T, E)):
-        raise ValueError(
-            f"noise must be a ({T}, {E}) tensor of N(0, 1) draws when the router trains with noise"
-        )
+        raise ValueError(f"noise must be a ({T}, {E}) tensor of N(0, 1) draws when the router trains with noise")
     dtype = router_dtype(x)
     w_gate, w_noise = router.weight.to(dtype), router.noise_weight.to(dtype)
     choices, logits, probs, gate_rows, load_rows = [], [], [], [], []
@@ -137,9 +135,7 @@ def reference_noisy_topk(router: NoisyTopKRouter, x: Tensor, noise: Tensor | Non
         x_t = x[t].to(dtype)
         clean = _token_logits(x_t, w_gate)
         if noisy:
-            scale = [
-                torch.nn.functional.softplus(v) + router.noise_epsilon for v in _token_logits(x_t, w_noise)
-            ]
+            scale = [torch.nn.functional.softplus(v) + router.noise_epsilon for v in _token_logits(x_t, w_noise)]
             h = [clean[e] + noise[t, e].to(dtype) * scale[e] for e in range(E)]
         else:
             h = clean
@@ -172,9 +168,7 @@ def reference_switch(router: SwitchRouter, x: Tensor, jitter_uniform: Tensor | N
     T, D = x.shape
     jittered = router.training and router.jitter > 0
     if jittered and (jitter_uniform is None or jitter_uniform.shape != (T, D)):
-        raise ValueError(
-            f"jitter_uniform must be a ({T}, {D}) tensor of U(0, 1) draws when training with jitter"
-        )
+        raise ValueError(f"jitter_uniform must be a ({T}, {D}) tensor of U(0, 1) draws when training with jitter")
     dtype = router_dtype(x)
     weight = router.weight.to(dtype)
     choices, logits, probs = [], [], []
@@ -199,9 +193,7 @@ def reference_gshard(router: GShardRouter, x: Tensor, uniform: Tensor | None = N
     T = x.shape[0]
     random = router.training and router.random_routing
     if random and (uniform is None or uniform.shape != (T,)):
-        raise ValueError(
-            f"uniform must be a ({T},) tensor of U(0, 1) draws when training with random routing"
-        )
+        raise ValueError(f"uniform must be a ({T},) tensor of U(0, 1) draws when training with random routing")
     dtype = router_dtype(x)
     weight = router.weight.to(dtype)
     choices, logits, probs = [], [], []

@@ -183,9 +183,7 @@ class DeepSeekRouter(Router):
         if not isinstance(tokens_per_expert, Tensor):
             raise TypeError(f"tokens_per_expert must be a tensor, got {type(tokens_per_expert).__name__}")
         if tokens_per_expert.shape != (E,):
-            raise ValueError(
-                f"tokens_per_expert must have shape ({E},), got {tuple(tokens_per_expert.shape)}"
-            )
+            raise ValueError(f"tokens_per_expert must have shape ({E},), got {tuple(tokens_per_expert.shape)}")
         bias = self.e_score_correction_bias
         load = tokens_per_expert.to(bias.device)
         # sign(mean - load) = sign(sum - E * load): exact for integer counts, no division.

@@ -102,9 +102,7 @@ class TopAnyRouter(Router):
         self.gate_vectors = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, d_model)))  # (E, D)
         self.thresholds = nn.Parameter(torch.full((num_experts,), self.init_threshold))  # (E,)
         # Routing records for add/remove (training only); not part of the checkpoint.
-        self.register_buffer(
-            "activation_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False
-        )
+        self.register_buffer("activation_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("unrouted_sum", torch.zeros(d_model), persistent=False)  # (D,) float32
         self.register_buffer("unrouted_count", torch.zeros((), dtype=torch.long), persistent=False)
         self.steps_recorded = 0
@@ -155,9 +153,7 @@ class TopAnyRouter(Router):
         """Count one optimizer step in the observation window. tokens_per_expert (E,) is only checked."""
         E = self.num_experts
         if tokens_per_expert.shape != (E,):
-            raise ValueError(
-                f"tokens_per_expert must have shape ({E},), got {tuple(tokens_per_expert.shape)}"
-            )
+            raise ValueError(f"tokens_per_expert must have shape ({E},), got {tuple(tokens_per_expert.shape)}")
         self.steps_recorded += 1
 
     def unused_experts(self) -> list[int]:
@@ -192,9 +188,7 @@ class TopAnyRouter(Router):
         """
         E = self.num_experts
         if self.max_experts is not None and E >= self.max_experts:
-            raise ValueError(
-                f"cannot add an expert: num_experts={E} already equals max_experts={self.max_experts}"
-            )
+            raise ValueError(f"cannot add an expert: num_experts={E} already equals max_experts={self.max_experts}")
         w = self.gate_vectors
         new = self.unrouted_sum.to(w.dtype)  # (D,)
         if int(self.unrouted_count) == 0 or float(new.norm()) == 0.0:

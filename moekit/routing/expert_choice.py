@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from moekit.dispatch.plan import ceil_scaled
 from moekit.routing.base import Router, Routing, empty_routing, fp32_logits, slot_major_pairs
 from moekit.routing.topk import check_router_sizes
 
@@ -24,8 +25,12 @@ INFERENCE_MODES = ("topk", "expert_choice")
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
-    """Tokens each expert takes: ``C = min(T, ceil(T * k * capacity_factor / E))``."""
-    return min(num_tokens, math.ceil(num_tokens * k * capacity_factor / num_experts))
+    """Tokens each expert takes: ``C = min(T, ceil(T * k * capacity_factor / E))``, in exact arithmetic.
+
+    ``capacity_factor`` counts as the decimal it prints as (1.1 is 11/10), so a product that is an integer on
+    paper (1.1 * 10 * 1 / 1 = 11) gives exactly that capacity, not one more from float rounding.
+    """
+    return min(num_tokens, ceil_scaled(capacity_factor, num_tokens * k, num_experts))
 
 
 class ExpertChoiceRouter(Router):

@@ -56,9 +56,7 @@ class GShardRouter(Router):
         if not isinstance(random_routing, bool):
             raise TypeError(f"random_routing must be a bool, got {type(random_routing).__name__}")
         if isinstance(second_expert_threshold, bool) or not isinstance(second_expert_threshold, (int, float)):
-            raise TypeError(
-                f"second_expert_threshold must be a number, got {type(second_expert_threshold).__name__}"
-            )
+            raise TypeError(f"second_expert_threshold must be a number, got {type(second_expert_threshold).__name__}")
         if not 0 <= second_expert_threshold <= 0.5:
             raise ValueError(f"second_expert_threshold must lie in [0, 0.5], got {second_expert_threshold}")
         if generator is not None and not isinstance(generator, torch.Generator):

@@ -108,17 +108,13 @@ class HashRouter(Router):
         if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
             raise ValueError(f"token_ids must have an integer dtype, got {token_ids.dtype}")
         if token_ids.shape != (T,):
-            raise ValueError(
-                f"token_ids must have shape ({T},) (one id per token of x), got {tuple(token_ids.shape)}"
-            )
+            raise ValueError(f"token_ids must have shape ({T},) (one id per token of x), got {tuple(token_ids.shape)}")
         ids = token_ids.long()
         if T:
             if int(ids.min()) < 0:
                 raise ValueError(f"token_ids must be >= 0, got min {int(ids.min())}")
             if self.vocab_size is not None and int(ids.max()) >= self.vocab_size:
-                raise ValueError(
-                    f"token_ids must be < vocab_size={self.vocab_size}, got max {int(ids.max())}"
-                )
+                raise ValueError(f"token_ids must be < vocab_size={self.vocab_size}, got max {int(ids.max())}")
         return ids
 
     def extra_repr(self) -> str:

@@ -56,9 +56,7 @@ class SinkhornRouter(Router):
         eps: optional early-stop tolerance on the row sums (None: always ``n_iters`` iterations, no syncs).
     """
 
-    def __init__(
-        self, d_model: int, num_experts: int, k: int = 1, n_iters: int = 8, eps: float | None = None
-    ) -> None:
+    def __init__(self, d_model: int, num_experts: int, k: int = 1, n_iters: int = 8, eps: float | None = None) -> None:
         super().__init__()
         check_router_sizes(d_model, num_experts, k)
         if isinstance(n_iters, bool) or not isinstance(n_iters, int):
@@ -91,9 +89,7 @@ class SinkhornRouter(Router):
             top_idx = logits.topk(self.k, dim=-1).indices  # sigmoid and softmax keep the logit order
         top_w = self.gate(logits).gather(1, top_idx)  # (T, K), differentiable
         token_idx, expert_idx, weight = slot_major_pairs(top_idx, top_w)
-        return Routing(
-            token_idx, expert_idx, weight, T, self.num_experts, logits=logits, probs=logits.softmax(dim=-1)
-        )
+        return Routing(token_idx, expert_idx, weight, T, self.num_experts, logits=logits, probs=logits.softmax(dim=-1))
 
     def extra_repr(self) -> str:
         return (

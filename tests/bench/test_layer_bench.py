@@ -9,6 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from moekit.bench.common import TimingConfig
 from moekit.bench.layer import (
     GOALS,
     LayerBenchConfig,
@@ -40,9 +41,7 @@ def tiny_run(tmp_path_factory):
     out = tmp / "layer.json"
     results_dir = tmp / "results"
     results_dir.mkdir()
-    result = run_layer_bench(
-        tiny=True, json_path=out, console=Console(file=buf, width=200), results_dir=results_dir
-    )
+    result = run_layer_bench(tiny=True, json_path=out, console=Console(file=buf, width=200), results_dir=results_dir)
     return result, out, buf.getvalue()
 
 
@@ -67,7 +66,9 @@ def test_every_kind_of_candidate_is_timed(tiny_run):
         assert {"hf_mixtral/eager", "hf_qwen3/eager"} <= names  # transformers is a dev dependency
         for cand in case["candidates"]:
             assert cand["median_ms"] > 0 and cand["min_ms"] <= cand["median_ms"]
-            assert len(cand["times_ms"]) == result["config"]["repeats"]
+            slow = cand["name"] == "naive_loop" or cand["name"].endswith("/eager")  # per-expert Python loops
+            want = result["config"]["slow_repeats"] if slow else result["config"]["repeats"]
+            assert len(cand["times_ms"]) == want, cand["name"]
         for why in case["skipped"].values():
             assert why  # every skipped candidate says why
 
@@ -115,11 +116,12 @@ def test_agreement_check_catches_a_wrong_candidate():
 
 
 def test_case_sets():
-    assert quick_cases()[0] == LayerCase(
-        tokens=4096, d_model=512, d_ff=1024, num_experts=64, k=2, dtype="fp32"
-    )
     full = full_cases()
-    assert full[0] == quick_cases()[0] and len(full) == len(set(full)) == 8
+    assert full[0] == LayerCase(tokens=4096, d_model=512, d_ff=1024, num_experts=64, k=2, dtype="fp32")
+    (quick,) = quick_cases()  # the headline's E, k, dtype and tokens (pairs per expert), at half the widths
+    assert (quick.num_experts, quick.k, quick.dtype, quick.tokens) == (64, 2, "fp32", 4096)
+    assert quick.d_model * quick.d_ff < full[0].d_model * full[0].d_ff
+    assert len(full) == len(set(full)) == 8
     assert {(c.num_experts, c.k, c.dtype) for c in full} == {
         (e, k, d) for e in (8, 64) for k in (2, 8) for d in ("fp32", "bf16")
     }
@@ -132,3 +134,23 @@ def test_bad_config():
         LayerBenchConfig(backends=("cuda_magic",))
     with pytest.raises(ValueError, match="dtype"):
         LayerCase(dtype="fp8")
+    with pytest.raises(ValueError, match="slow_repeats"):
+        LayerBenchConfig(slow_repeats=0)
+    with pytest.raises(ValueError, match="clock"):
+        TimingConfig(clock="gpu")
+
+
+def test_hf_impls_and_cpu_clock(tmp_path):
+    """A custom run timing only HF grouped_mm, in CPU time: the others are listed as skipped, with why."""
+    small = tiny_cases()[0]
+    cfg = LayerBenchConfig(
+        backends=("loop",), hf_impls=("grouped_mm",), timing=TimingConfig(0, 1, threads=1, clock="cpu")
+    )
+    result = run_layer_bench(cases=[small], config=cfg, console=Console(file=io.StringIO()), results_dir=tmp_path)
+    (case,) = result["cases"]
+    names = {c["name"] for c in case["candidates"]}
+    assert {"hf_mixtral/grouped_mm", "hf_qwen3/grouped_mm", "moekit/loop"} <= names
+    assert not any(n.endswith("/eager") for n in names)
+    assert "hf_mixtral/eager" in case["skipped"] and case["clock"] == "cpu"
+    assert result["config"]["clock"] == "cpu" and result["config"]["hf_impls"] == ["grouped_mm"]
+    assert list(tmp_path.iterdir()) == []  # a custom-case run is not the reference file

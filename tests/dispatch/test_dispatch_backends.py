@@ -61,6 +61,19 @@ def test_no_rows(backend):
     assert x.grad.shape == (0, 8) and (w.grad == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("needs", ["x", "w"])
+def test_gradient_of_one_operand_only(backend, needs):
+    """Frozen experts (or a frozen input) still get the other operand's gradient right."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 8, dtype=torch.float64, generator=gen, requires_grad=needs == "x")
+    w = torch.randn(3, 4, 8, dtype=torch.float64, generator=gen, requires_grad=needs == "w")
+    counts = [4, 0, 5]
+    (got,) = torch.autograd.grad(grouped_linear(x, w, torch.tensor(counts), backend).sum(), [x if needs == "x" else w])
+    (want,) = torch.autograd.grad(by_hand(x, w, counts).sum(), [x if needs == "x" else w])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_resolve_backend():
     f32 = torch.randn(4, 8), torch.randn(2, 16, 8)
     f64 = torch.randn(4, 8, dtype=torch.float64), torch.randn(2, 16, 8, dtype=torch.float64)

@@ -137,3 +137,12 @@ def test_bad_drop_policy():
 )
 def test_capacity_formula(pairs, experts, factor, min_capacity, want):
     assert expert_capacity(pairs, experts, factor, min_capacity) == want
+
+
+def test_capacity_formula_is_exact_for_decimal_factors():
+    # ceil(m/100 * P / E) with integers only, for every two-decimal factor: no float rounding across a boundary.
+    for m in range(1, 401):
+        for pairs, experts in ((100, 10), (4096, 64), (30, 7), (8192, 8)):
+            want = -(-m * pairs // (100 * experts))
+            assert expert_capacity(pairs, experts, m / 100) == want, (m, pairs, experts)
+    assert expert_capacity(10, 3, 2) == 7  # int factors work too

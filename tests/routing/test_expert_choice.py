@@ -77,6 +77,23 @@ def test_capacity_formula():
     assert expert_choice_capacity(3, 2, 2, 2.0) == 3  # ceil(6) clipped to T
 
 
+def test_capacity_is_exact_at_integer_boundaries():
+    # 100 * 1 * 1.1 / 10 is 11.000000000000002 in floats (ceil 12); the formula means exactly 11.
+    assert expert_choice_capacity(100, 10, 1, 1.1) == 11
+    assert expert_choice_capacity(100, 10, 1, 2.2) == 22  # 22.000000000000004 in floats
+    # Every two-decimal factor against integer arithmetic: ceil(m/100 * T * k / E) = ceil(m * T * k / (100 * E)).
+    for m in range(5, 301, 5):
+        for T, E, k in ((100, 10, 1), (60, 8, 2), (37, 5, 3), (1000, 64, 8)):
+            want = min(T, -(-m * T * k // (100 * E)))
+            assert expert_choice_capacity(T, E, k, m / 100) == want, (m, T, E, k)
+
+
+def test_router_uses_exact_capacity():
+    router, x = make(torch.float32, T=100, D=8, E=10, k=1, capacity_factor=1.1)
+    routing = router(x)
+    assert routing.tokens_per_expert().tolist() == [11] * 10  # not 12 from float rounding
+
+
 @pytest.mark.parametrize("T,k,capacity_factor", [(10, 1, 1.0), (9, 2, 0.5), (7, 3, 1.5)])
 def test_each_expert_takes_exactly_capacity(T, k, capacity_factor):
     router, x = make(torch.float32, T=T, E=4, k=k, capacity_factor=capacity_factor)

@@ -87,9 +87,7 @@ def test_loss_gradients_match_reference(dtype):
     for name in ("importance", "load"):
         router.generator = torch.Generator().manual_seed(SEED)  # the block same_noise() draws
         got = torch.autograd.grad(router(x).losses[name], params)
-        want = torch.autograd.grad(
-            reference_noisy_topk(router, x, same_noise(router, x)).losses[name], params
-        )
+        want = torch.autograd.grad(reference_noisy_topk(router, x, same_noise(router, x)).losses[name], params)
         for g, w in zip(got, want, strict=True):  # both depend on W_noise through the noisy logits
             assert g.abs().sum() > 0
             torch.testing.assert_close(g, w, **TOL[dtype])

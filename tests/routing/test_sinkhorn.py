@@ -77,9 +77,7 @@ def test_early_stop_meets_tolerance():
     logits = 2 * torch.randn(16, 4, dtype=torch.float64)
     P = sinkhorn_log(logits, n_iters=1000, eps=1e-4).exp()
     assert (P.sum(1) - 1).abs().max() < 1e-4
-    want = torch.tensor(
-        reference_sinkhorn_matrix(logits.tolist(), n_iters=1000, eps=1e-4), dtype=torch.float64
-    )
+    want = torch.tensor(reference_sinkhorn_matrix(logits.tolist(), n_iters=1000, eps=1e-4), dtype=torch.float64)
     torch.testing.assert_close(P, want)
 
 
