@@ -19,9 +19,7 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor
     Computed from the absolute positions, so a token gets bit-identical angles in a full forward and in
     incremental decoding.
     """
-    exponents = (
-        torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
-    )  # (Dh/2,)
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim  # (Dh/2,)
     inv_freq = 1.0 / (theta**exponents)  # (Dh/2,)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)  # (L, Dh)
@@ -90,9 +88,7 @@ class KVCache:
     ) -> None:
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.layers = [
-            LayerKVCache(
-                torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
-            )
+            LayerKVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
             for _ in range(n_layers)
         ]
         self.batch_size, self.max_len = batch_size, max_len

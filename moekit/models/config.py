@@ -66,13 +66,9 @@ class LMConfig:
         if self.n_kv_heads is not None:
             _check_int("n_kv_heads", self.n_kv_heads, 1)
             if self.n_heads % self.n_kv_heads:
-                raise ValueError(
-                    f"LMConfig.n_kv_heads must divide n_heads={self.n_heads}, got {self.n_kv_heads}"
-                )
+                raise ValueError(f"LMConfig.n_kv_heads must divide n_heads={self.n_heads}, got {self.n_kv_heads}")
         if self.d_model % self.n_heads:
-            raise ValueError(
-                f"LMConfig.d_model must be divisible by n_heads={self.n_heads}, got {self.d_model}"
-            )
+            raise ValueError(f"LMConfig.d_model must be divisible by n_heads={self.n_heads}, got {self.d_model}")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"LMConfig.d_model / n_heads (the head dim) must be even for RoPE, got "
@@ -88,8 +84,7 @@ class LMConfig:
         _check_int("moe_every", self.moe_every, 1)
         if self.num_experts and self.moe_every > self.n_layers:
             raise ValueError(
-                f"LMConfig.moe_every must be <= n_layers={self.n_layers} (else no layer is MoE), "
-                f"got {self.moe_every}"
+                f"LMConfig.moe_every must be <= n_layers={self.n_layers} (else no layer is MoE), got {self.moe_every}"
             )
         if not isinstance(self.router, str) or self.router not in available_routers():
             raise ValueError(f"LMConfig.router must be one of {available_routers()}, got {self.router!r}")
@@ -106,14 +101,8 @@ class LMConfig:
             if not isinstance(self.loss_weights, dict):
                 raise ValueError(f"LMConfig.loss_weights must be a dict or None, got {self.loss_weights!r}")
             for name, weight in self.loss_weights.items():
-                if (
-                    not isinstance(name, str)
-                    or isinstance(weight, bool)
-                    or not isinstance(weight, (int, float))
-                ):
-                    raise ValueError(
-                        f"LMConfig.loss_weights must map names to numbers, got {name!r}: {weight!r}"
-                    )
+                if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                    raise ValueError(f"LMConfig.loss_weights must map names to numbers, got {name!r}: {weight!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"LMConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         _check_positive_number("norm_eps", self.norm_eps)

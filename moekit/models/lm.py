@@ -19,6 +19,7 @@ from moekit.models.norms import RMSNorm
 from moekit.output import MoEOutput
 
 IGNORE_INDEX = -100
+INIT_STD = 0.02  # GPT-2 init of weights; projections into the residual stream get INIT_STD / sqrt(2 * n_layers)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class MoETransformerLM(nn.Module):
             self.lm_head.weight = self.tok_embeddings.weight
         self.reset_parameters()
 
-    def reset_parameters(self, std: float = 0.02) -> None:
+    def reset_parameters(self, std: float = INIT_STD) -> None:
         """GPT-2 init: normal(0, std) weights, ``std / sqrt(2 * n_layers)`` for projections into the residual
         stream, RMSNorm gains 1. Routers keep their own initialisation."""
         out_std = std / math.sqrt(2 * self.config.n_layers)
@@ -144,16 +145,14 @@ class MoETransformerLM(nn.Module):
             raise ValueError("idx must hold at least one position (L >= 1)")
         if targets is not None and (not isinstance(targets, Tensor) or targets.shape != idx.shape):
             raise ValueError(
-                f"targets must have the shape of idx {tuple(idx.shape)}, "
-                f"got {getattr(targets, 'shape', targets)}"
+                f"targets must have the shape of idx {tuple(idx.shape)}, got {getattr(targets, 'shape', targets)}"
             )
         if attention_mask is not None:
             if not isinstance(attention_mask, Tensor) or attention_mask.dtype != torch.bool:
                 raise ValueError("attention_mask must be a bool tensor (True = real token)")
             if attention_mask.shape != idx.shape:
                 raise ValueError(
-                    f"attention_mask must have the shape of idx {tuple(idx.shape)}, "
-                    f"got {tuple(attention_mask.shape)}"
+                    f"attention_mask must have the shape of idx {tuple(idx.shape)}, got {tuple(attention_mask.shape)}"
                 )
         if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
             raise ValueError(f"start_pos must be an int >= 0, got {start_pos!r}")
@@ -163,9 +162,7 @@ class MoETransformerLM(nn.Module):
             if kv_cache.batch_size != B:
                 raise ValueError(f"kv_cache was made for batch size {kv_cache.batch_size}, idx has {B}")
             if start_pos + L > kv_cache.max_len:
-                raise ValueError(
-                    f"start_pos + L = {start_pos + L} exceeds the kv_cache length {kv_cache.max_len}"
-                )
+                raise ValueError(f"start_pos + L = {start_pos + L} exceeds the kv_cache length {kv_cache.max_len}")
             if len(kv_cache.layers) != len(self.blocks):
                 raise ValueError(f"kv_cache has {len(kv_cache.layers)} layers, the model {len(self.blocks)}")
         return B, L
@@ -208,6 +205,55 @@ class MoETransformerLM(nn.Module):
         """(name, layer) of every MoE FFN in layer order; names as in ``named_modules()``."""
         return [(f"blocks.{i}.ffn", b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoELayer)]
 
+    def num_experts_per_layer(self) -> dict[str, int]:
+        """Current E of every MoE layer (name -> E); differs from ``config.num_experts`` after DynMoE changes."""
+        return {name: layer.num_experts for name, layer in self.moe_layers()}
+
+    def _moe_layer(self, name: str) -> MoELayer:
+        layers = dict(self.moe_layers())
+        if name not in layers:
+            raise ValueError(f"layer must be one of the MoE layers {sorted(layers)}, got {name!r}")
+        return layers[name]
+
+    @torch.no_grad()
+    def add_expert(self, layer: str) -> int:
+        """Append an expert to MoE layer ``layer`` (DynMoE), initialised like the model's other experts.
+        Parameters are replaced: rebuild the optimizer afterwards. Returns the new expert's index."""
+        moe = self._moe_layer(layer)
+        idx = moe.add_expert()
+        out_std = INIT_STD / math.sqrt(2 * self.config.n_layers)
+        # GroupedFFN.add_expert uses a 1/sqrt(fan_in) init; re-draw it as in reset_parameters so a new expert
+        # starts on the same scale as the others.
+        nn.init.normal_(moe.experts.in_proj[idx], std=INIT_STD)
+        nn.init.normal_(moe.experts.down_proj[idx], std=out_std)
+        return idx
+
+    def remove_expert(self, layer: str, e: int) -> None:
+        """Delete expert ``e`` of MoE layer ``layer`` (DynMoE); later experts shift down. Rebuild the
+        optimizer afterwards."""
+        self._moe_layer(layer).remove_expert(e)
+
+    def resize_experts(self, counts: dict[str, int]) -> bool:
+        """Give each named MoE layer ``counts[name]`` experts by adding or removing at the end (values are
+        meant to be overwritten by a checkpoint load). Returns True when any layer changed."""
+        if not isinstance(counts, dict):
+            raise ValueError(f"counts must be a dict of MoE layer name -> num_experts, got {type(counts).__name__}")
+        layers = dict(self.moe_layers())
+        if set(counts) != set(layers):
+            raise ValueError(f"counts must name exactly the MoE layers {sorted(layers)}, got {sorted(counts)}")
+        changed = False
+        for name, target in counts.items():
+            if isinstance(target, bool) or not isinstance(target, int) or target < 1:
+                raise ValueError(f"counts[{name!r}] must be an int >= 1, got {target!r}")
+            moe = layers[name]
+            while moe.num_experts < target:
+                moe.add_expert()
+                changed = True
+            while moe.num_experts > target:
+                moe.remove_expert(moe.num_experts - 1)
+                changed = True
+        return changed
+
     def after_optimizer_step(self) -> None:
         """Call after each optimizer step: runs each MoE layer's between-steps hook (aux-loss-free bias,
         DynMoE)."""
@@ -226,7 +272,7 @@ class MoETransformerLM(nn.Module):
         inactive = 0
         for _, layer in self.moe_layers():
             per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts
-            inactive += (layer.num_experts - layer.k) * per_expert
+            inactive += max(0, layer.num_experts - layer.k) * per_expert  # E may shrink below k (DynMoE)
         return {"total": total, "active": total - inactive}
 
     def describe(self) -> str:
@@ -241,8 +287,10 @@ class MoETransformerLM(nn.Module):
         ]
         if n_moe:
             capacity = "dropless" if cfg.capacity_factor is None else f"capacity factor {cfg.capacity_factor}"
+            per_layer = sorted(set(self.num_experts_per_layer().values()))
+            experts = str(cfg.num_experts) if per_layer == [cfg.num_experts] else "/".join(map(str, per_layer))
             lines.append(
-                f"MoE: router={cfg.router}, {cfg.num_experts} experts of width {cfg.d_ff}, k={cfg.k}, "
+                f"MoE: router={cfg.router}, {experts} experts of width {cfg.d_ff}, k={cfg.k}, "
                 f"{cfg.num_shared_experts} shared, {capacity}, every {cfg.moe_every} layer(s)"
             )
         if n_moe < cfg.n_layers:

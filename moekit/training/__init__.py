@@ -7,7 +7,13 @@ checkpoints, metrics and plots, expert-specialization reports, and the runs buil
     result = trainer.train(resume=True)
 """
 
-from moekit.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from moekit.training.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_lm_checkpoint,
+    save_checkpoint,
+)
 from moekit.training.config import DataConfig, TrainConfig
 from moekit.training.metrics import MetricsLogger, read_metrics
 from moekit.training.prepare import PreparedData, prepare_data
@@ -54,6 +60,7 @@ __all__ = [
     "build_optimizer",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_lm_checkpoint",
     "lr_at",
     "prepare_data",
     "read_metrics",

@@ -364,3 +364,27 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(doc["rng"])
     return doc
+
+
+def load_lm_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """A ``MoETransformerLM`` rebuilt from a trainer checkpoint (its ``model_config`` and, after DynMoE
+    changes, the per-layer E in ``moe_experts``) with the weights loaded; returns (model in eval mode, doc)."""
+    from moekit.models import LMConfig, MoETransformerLM
+
+    doc = read_checkpoint_state(path)
+    state = doc["state"]
+    where = f"checkpoint file {str(Path(doc['path']) / STATE_FILE)!r}"
+    if not isinstance(state, dict) or not isinstance(state.get("model_config"), dict):
+        raise CheckpointError(f"{where} holds no model_config (not a moekit LM checkpoint)")
+    try:
+        model = MoETransformerLM(LMConfig.from_dict(state["model_config"]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: bad model_config: {exc}") from exc
+    experts = state.get("moe_experts")
+    if experts:
+        try:
+            model.resize_experts(dict(experts) if isinstance(experts, dict) else experts)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: bad moe_experts: {exc}") from exc
+    doc = load_checkpoint(doc["path"], model)
+    return model.eval(), doc

@@ -52,7 +52,9 @@ class TrainConfig(_Serialisable):
     at ``max_steps``. ``max_seconds`` of wall-clock (steps and evaluations, summed over resumed runs) stops
     the loop early, after the step that crosses it; the schedule still spans ``max_steps``. ``eval_every`` /
     ``checkpoint_every`` = 0: only at the end. ``precision="bf16"`` runs forward passes under bf16 autocast
-    (weights and optimizer state stay float32).
+    (weights and optimizer state stay float32). ``dynmoe_adapt_every`` > 0: every that many steps, MoE layers
+    whose router can grow and shrink (``router="dynmoe"``) remove unused experts (keeping at least
+    ``dynmoe_min_experts``) and add one where tokens found none (see ``moekit.training.expert_adapt``).
     """
 
     max_steps: int = 200
@@ -75,6 +77,8 @@ class TrainConfig(_Serialisable):
     checkpoint_every: int = 0
     keep_last: int = 2
     max_seconds: float | None = None
+    dynmoe_adapt_every: int = 0  # 0 = never
+    dynmoe_min_experts: int = 1
 
     def __post_init__(self) -> None:
         o = "TrainConfig"
@@ -103,6 +107,8 @@ class TrainConfig(_Serialisable):
         _int(o, "keep_last", self.keep_last, 1)
         if self.max_seconds is not None:
             _number(o, "max_seconds", self.max_seconds, 0.0, lo_open=True)
+        _int(o, "dynmoe_adapt_every", self.dynmoe_adapt_every, 0)
+        _int(o, "dynmoe_min_experts", self.dynmoe_min_experts, 1)
 
     @property
     def tokens_per_step(self) -> int:

@@ -188,6 +188,12 @@ def load_config(path: str | Path) -> RunConfig:
             f"config file {str(path)!r}: [model] max_seq_len={model.max_seq_len} is smaller than "
             f"[train] block_size={built['train'].block_size}"
         )
+    if built["train"].dynmoe_adapt_every and (model.router != "dynmoe" or not model.num_experts):
+        raise ValueError(
+            f"config file {str(path)!r}: [train] dynmoe_adapt_every={built['train'].dynmoe_adapt_every} needs "
+            f'[model] router = "dynmoe" with num_experts > 0, got router={model.router!r}, '
+            f"num_experts={model.num_experts}"
+        )
     return RunConfig(built["run"], built["data"], model, built["train"], str(path), vocab_given, doc)
 
 
@@ -237,8 +243,11 @@ def train_from_config(
                     "or choose another out_dir"
                 )
     extra = {"config_file": str(Path(path).resolve()), "data_config": cfg.data.to_dict()}
+    train_cfgs = {name: cfg.train for name in runs}
+    if "dense" in runs:  # the dense baseline has no experts to add or remove
+        train_cfgs["dense"] = replace(cfg.train, dynmoe_adapt_every=0)
     outcomes = {
-        name: train_run(name, mc, cfg.train, data, out / name, cfg.run.seed, progress, resume, extra, overwrite)
+        name: train_run(name, mc, train_cfgs[name], data, out / name, cfg.run.seed, progress, resume, extra, overwrite)
         for name, mc in runs.items()
     }
     files = {"loss_curves": str(plot_loss_curves({n: o.rows for n, o in outcomes.items()}, out / "loss.png"))}

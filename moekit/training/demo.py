@@ -152,12 +152,29 @@ class PairOutcome:
 
 
 def train_moe_and_dense(
-    out: Path, minutes: float | None, smoke: bool, seed: int, progress: bool | None, console: Any, t0: float
+    out: Path,
+    minutes: float | None,
+    smoke: bool,
+    seed: int,
+    progress: bool | None,
+    console: Any,
+    t0: float,
+    moe_overrides: dict[str, Any] | None = None,
+    steps: int | None = None,
 ) -> PairOutcome:
-    """Prepare the KJV data, size the step count to the budget, train the MoE model and its dense baseline."""
+    """Prepare the KJV data, size the step count to the budget, train the MoE model and its dense baseline.
+
+    ``moe_overrides``: `LMConfig` fields to change in the demo's MoE model; they must keep its active
+    parameters (``k * d_ff``), since the dense baseline is derived from it (the LM benchmark uses more experts).
+    ``steps``: train exactly that many steps (no calibration, no time limit; ``minutes`` is ignored), so that
+    step-based figures do not depend on how busy the machine is."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < MIN_STEPS):
+        raise ValueError(f"steps must be an int >= {MIN_STEPS} or None, got {steps!r}")
     budget = 60.0 * (minutes if minutes is not None else DEFAULT_MINUTES)
     vocab = 384 if smoke else 2048
     model_cfg, train_cfg, data_cfg = demo_configs(vocab, smoke)
+    if moe_overrides and not smoke:
+        model_cfg = replace(model_cfg, **moe_overrides)
     train_cfg = replace(train_cfg, seed=seed)
     data = prepare_data(data_cfg, train_cfg, out)
     model_cfg = replace(model_cfg, vocab_size=data.vocab_size)
@@ -167,7 +184,12 @@ def train_moe_and_dense(
         f"tokens, BPE vocab {data.vocab_size} ({time.perf_counter() - t0:.1f}s)"
     )
     calibration = None
-    if not smoke:
+    if steps is not None and not smoke:
+        warmup = max(1, min(100, steps // 10))
+        train_cfg = replace(train_cfg, max_steps=steps, eval_every=max(1, steps // 12), warmup_steps=warmup)
+        console.print(f"{steps} steps each (eval every {train_cfg.eval_every}); the two models train in alternation")
+        time_limit = None
+    elif not smoke:
         moe_s = measure_step_seconds(model_cfg, train_cfg, data, seed)
         dense_s = measure_step_seconds(dense_cfg, train_cfg, data, seed)
         remaining = budget - (time.perf_counter() - t0) - POST_SECONDS

@@ -5,6 +5,10 @@ Data order: optimizer step ``s`` uses the micro-batches ``train_data.batch(s * g
 sampler whose batches are a pure function of (seed, index) a resumed run sees exactly the batches the
 uninterrupted run would have, and with the model, optimizer and RNG states restored from the checkpoint the
 loss curve is identical.
+
+DynMoE (``TrainConfig.dynmoe_adapt_every``): between optimizer steps, experts are added and removed (see
+`moekit.training.expert_adapt`); checkpoints record every MoE layer's E (``state.moe_experts``) and the routers'
+observation records, and a resume resizes the model to those shapes before loading, so it stays exact.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.training import checkpoint as ckpt
+from moekit.training import expert_adapt
 from moekit.training._io import atomic_write_json
 from moekit.training.config import TrainConfig
 from moekit.training.metrics import MetricAverager, MetricsLogger, routing_metrics
@@ -104,7 +109,8 @@ class Trainer:
 
     Args:
         model: returns an object with ``loss``, ``aux_loss``, ``moe_outputs`` from ``model(inputs, targets)``;
-            ``model.after_optimizer_step()`` (if present) runs after every optimizer step.
+            ``model.after_optimizer_step()`` (if present) runs after every optimizer step; DynMoE adaptation
+            also uses ``add_expert`` / ``remove_expert`` / ``resize_experts`` / ``num_experts_per_layer``.
         config: a `TrainConfig`.
         train_data: ``batch(i)`` -> batch with ``inputs`` / ``targets`` (B, L); a pure function of i.
         val_data: a sequence of such batches; the first ``config.eval_batches`` are scored.
@@ -136,6 +142,12 @@ class Trainer:
         self.name = name
         self.progress = progress_enabled(progress)
         self.extra_state = dict(extra_state or {})
+        can_adapt = all(callable(getattr(model, a, None)) for a in ("add_expert", "remove_expert"))
+        if config.dynmoe_adapt_every and not (can_adapt and expert_adapt.adaptive_layers(model)):
+            raise ValueError(
+                "TrainConfig.dynmoe_adapt_every > 0 needs a model with MoE layers whose router can add and "
+                "remove experts (router='dynmoe')"
+            )
         self.optimizer = build_optimizer(model, config)
         self.device = next(model.parameters()).device
         self.monitor = self._make_monitor() if monitor else None
@@ -199,10 +211,13 @@ class Trainer:
         if self.checkpoint_dir is None:
             return None
         model_cfg = getattr(self.model, "config", None)
+        experts_fn = getattr(self.model, "num_experts_per_layer", None)
         state = {
             "name": self.name,
             "next_step": steps_done,
             "model_config": model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else None,
+            # E of every MoE layer: DynMoE may have changed it, and a resume must rebuild these shapes first.
+            "moe_experts": experts_fn() if callable(experts_fn) else None,
             "train_config": self.config.to_dict(),
             "data": {"seed": self.config.seed, "next_batch_index": steps_done * self.config.grad_accum},
             "wall_time": wall,
@@ -213,6 +228,11 @@ class Trainer:
         extra = {}
         if self.monitor is not None:
             extra[ROUTING_FILE] = json.dumps(self.monitor.to_dict()).encode("utf-8")
+        records = expert_adapt.router_records(self.model)
+        if records:
+            from safetensors.torch import save as st_save
+
+            extra[expert_adapt.RECORDS_FILE] = st_save(records)
         return ckpt.save_checkpoint(
             self.checkpoint_dir,
             steps_done,
@@ -261,7 +281,9 @@ class Trainer:
                 raise ckpt.CheckpointError(
                     f"checkpoint {doc['path']!r} was made for a different model config (fields {diff})"
                 )
+        self._resize_to_checkpoint(doc)
         doc = ckpt.load_checkpoint(doc["path"], self.model, self.optimizer, restore_rng=True)
+        self._load_router_records(doc["path"])
         if self.monitor is not None:
             data = ckpt.read_extra_file(doc["path"], ROUTING_FILE)
             if data is not None:
@@ -269,6 +291,51 @@ class Trainer:
 
                 self.monitor = RoutingMonitor.from_dict(json.loads(data))
         return doc
+
+    def _resize_to_checkpoint(self, doc: dict[str, Any]) -> None:
+        """Give the MoE layers the E the checkpoint recorded (DynMoE changes) and rebuild the optimizer."""
+        saved = doc["state"].get("moe_experts")
+        resize = getattr(self.model, "resize_experts", None)
+        if not saved or not callable(resize):
+            return
+        try:
+            changed = resize(dict(saved))
+        except (TypeError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint {doc['path']!r}: cannot apply its moe_experts: {exc}") from exc
+        if changed:
+            self.optimizer = build_optimizer(self.model, self.config)
+            if self.monitor is not None:
+                self.monitor = self._make_monitor()
+
+    def _load_router_records(self, path: str) -> None:
+        if not expert_adapt.adaptive_layers(self.model):
+            return
+        data = ckpt.read_extra_file(path, expert_adapt.RECORDS_FILE)
+        if data is None:
+            return  # a checkpoint from before records were saved: start a new observation window
+        from safetensors.torch import load as st_load
+
+        where = f"checkpoint file {str(Path(path) / expert_adapt.RECORDS_FILE)!r}"
+        try:
+            tensors = st_load(data)
+            expert_adapt.load_router_records(self.model, tensors, where)
+        except ValueError as exc:
+            raise ckpt.CheckpointError(str(exc) if where in str(exc) else f"{where}: {exc}") from exc
+
+    def _adapt_experts(self) -> list[dict[str, Any]]:
+        """DynMoE between steps: add/remove experts, rebuild the optimizer keeping surviving experts' AdamW
+        state, resize the routing monitor. Returns the changes as dicts (empty when nothing changed)."""
+        old_params = dict(self.model.named_parameters())
+        changes = expert_adapt.adapt_experts(self.model, self.config.dynmoe_min_experts)
+        if not changes:
+            return []
+        old_optimizer = self.optimizer
+        self.optimizer = build_optimizer(self.model, self.config)
+        expert_adapt.transfer_optimizer_state(old_optimizer, self.optimizer, old_params, self.model, changes)
+        self._run.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.monitor is not None:
+            self.monitor = expert_adapt.resize_monitor(self.monitor, changes)
+        return [c.to_dict() for c in changes]
 
     # ------------------------------------------------------------------ the loop
     def train(
@@ -339,6 +406,11 @@ class Trainer:
         step = run.steps_done
         row, step_tokens, dt = self._step(step, run.params)
         run.steps_done = steps_done = step + 1
+        if cfg.dynmoe_adapt_every and steps_done % cfg.dynmoe_adapt_every == 0:
+            changes = self._adapt_experts()
+            if changes:
+                row["dynmoe"] = changes
+                row["num_experts"] = self.model.num_experts_per_layer()
         run.tokens += step_tokens
         run.train_time += dt
         if step > run.start:  # the first step of a run warms up caches: not counted in tokens/s
@@ -361,7 +433,7 @@ class Trainer:
             wall_time=run.wall + time.perf_counter() - t_enter,
             train_time=run.train_time,
         )
-        if steps_done % cfg.log_every == 0 or "val_loss" in row or is_last:
+        if steps_done % cfg.log_every == 0 or "val_loss" in row or "dynmoe" in row or is_last:
             self.history.append(row)
             if self.metrics is not None:
                 self.metrics.log(row)

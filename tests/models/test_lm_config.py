@@ -66,9 +66,7 @@ def test_moe_every_selects_layers():
 
 
 def test_to_dict_from_dict_round_trip_through_json():
-    cfg = tiny(
-        router_options={"bias": True}, loss_weights={"z_loss": 0.0}, n_kv_heads=2, capacity_factor=1.25
-    )
+    cfg = tiny(router_options={"bias": True}, loss_weights={"z_loss": 0.0}, n_kv_heads=2, capacity_factor=1.25)
     again = LMConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
 

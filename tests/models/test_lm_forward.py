@@ -104,9 +104,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads(make_config):
     for i in range(2):
         for name in ("k_proj", "v_proj"):
             w = state[f"blocks.{i}.attn.{name}.weight"]  # (2 * 8, 32): 2 kv heads of dim 8
-            state[f"blocks.{i}.attn.{name}.weight"] = (
-                w.view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32)
-            )
+            state[f"blocks.{i}.attn.{name}.weight"] = w.view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32)
     mha.load_state_dict(state)
     idx = tokens(2, 10)
     torch.testing.assert_close(mha(idx).logits, gqa(idx).logits, rtol=0, atol=1e-5)

@@ -54,3 +54,22 @@ def test_plain_text_folder_works(tmp_path):
     assert batch.inputs.shape == (2, 8) and data.val_batches and data.part_names == ()
     again = prepare_data(cfg, TRAIN, tmp_path / "out")  # reuses the saved tokenizer
     assert again.tokenizer.vocab_size == data.tokenizer.vocab_size
+
+
+def test_folder_without_text_files(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "image.png").write_bytes(b"\x89PNG")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="docs.*holds no text files"):
+        prepare_data(DataConfig(source=str(tmp_path / "docs"), vocab_size=300), TRAIN, out)
+    assert _no_output(out)
+
+
+def test_non_utf8_file_in_a_folder_is_named(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "good.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    (tmp_path / "docs" / "bad.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="bad.txt.*not valid UTF-8"):
+        prepare_data(DataConfig(source=str(tmp_path / "docs"), vocab_size=300), TRAIN, out)
+    assert _no_output(out)

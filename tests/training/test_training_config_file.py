@@ -67,6 +67,9 @@ def test_good_toml_is_typed(tmp_path):
         (("[data]", "[dataa]"), r"unknown section 'dataa'"),
         (('router = "topk"', 'router = "nope"'), r"\[model\] LMConfig.router must be one of"),
         (("lr = 1", "lr = -1"), r"\[train\] TrainConfig.lr must lie in"),
+        (("lr = 1", "lr = 1\ndynmoe_adapt_every = 'often'"), r"\[train\] dynmoe_adapt_every: expected an integer"),
+        (("lr = 1", "lr = 1\ndynmoe_min_experts = 0"), r"\[train\] TrainConfig.dynmoe_min_experts must be >= 1"),
+        (("lr = 1", "lr = 1\ndynmoe_adapt_every = 5"), r"dynmoe_adapt_every=5 needs \[model\] router = \"dynmoe\""),
         (("max_seq_len = 64", "max_seq_len = 32"), r"max_seq_len=32 is smaller than \[train\] block_size=64"),
         (
             ("[model.router_options]", "[model.router_options]\nn_iters = 3\n[model.extra]"),

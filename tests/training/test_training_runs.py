@@ -131,3 +131,12 @@ def test_lm_bench_smoke(tmp_path):
     assert result["summary"]["tokens_per_s_ratio"] > 0
     assert {c["name"] for c in result["cases"]} == {"moe", "dense"}
     assert result["goals"]["tokens_per_s_ratio"]["goal"] == ">= 0.8"
+
+
+def test_fixed_step_pair_rejects_bad_steps(tmp_path):
+    from moekit.training.demo import train_moe_and_dense
+
+    for bad in (5, 20.0, True):
+        with pytest.raises(ValueError, match="steps must be an int >= 20"):
+            train_moe_and_dense(tmp_path, None, False, 0, False, None, 0.0, steps=bad)
+    assert not any(tmp_path.iterdir())  # refused before preparing any data
