@@ -43,5 +43,10 @@ def test_edge_bench_tiny(tmp_path):
     assert all(c["peak_resident_expert_bytes"] <= c["budget_bytes"] for c in result["cases"] if c["cache"] != "naive")
     int8 = result["int8"]
     assert int8["expert_bytes_int8"] < int8["expert_bytes_fp32"] and int8["runtime_matches_dequantized_model"]
+    timing = s["per_throttle"][0]["headline_timing"]
+    med = timing["tokens_per_s_median"]
+    assert s["speedup_ceiling"] == med["resident"] / med["naive"]  # the bound speedup_vs_naive is judged against
+    assert s["int8_lru"]["matches_dequantized_model"] is True
+    assert s["int8_lru"]["speedup_vs_naive"] == med["int8"] / med["naive"]
     assert result["trained_model"]["int8_quality"]["top1_agreement"] > 0.5
     assert len(result["plots"]) == 2 and all((tmp_path / p).exists() for p in result["plots"])

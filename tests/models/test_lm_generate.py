@@ -9,6 +9,15 @@ from moekit.models import MoETransformerLM
 from moekit.models.generate import sample_next_token
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread avoids OpenMP waits on a busy machine (much faster, same results)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def model(make_config) -> MoETransformerLM:
     torch.manual_seed(0)
@@ -21,6 +30,10 @@ def prompt() -> torch.Tensor:
 
 
 def test_seeded_sampling_is_deterministic_and_leaves_global_rng_alone(model, prompt):
+    # The first forward of a process runs moekit.dispatch's one-off grouped_mm probe, which draws from the
+    # global RNG; that is not generate's doing, so it runs before the state is taken.
+    with torch.no_grad():
+        model(prompt)
     rng = torch.get_rng_state()
     a = model.generate(prompt, 12, temperature=1.0, top_p=0.9, seed=123)
     b = model.generate(prompt, 12, temperature=1.0, top_p=0.9, seed=123)
@@ -77,3 +90,22 @@ def test_generate_argument_checks(model, prompt):
     with pytest.raises(ValueError, match="idx"):
         model.generate(prompt.repeat(2, 1), 2)
     assert torch.equal(model.generate(prompt, 0), prompt)
+
+
+def test_top_k_one_is_greedy_and_bad_top_k_is_refused(model, prompt):
+    from moekit.models.generate import generate
+
+    greedy = model.generate(prompt, 8, temperature=0.0)
+    assert torch.equal(generate(model, prompt, 8, temperature=1.0, seed=5, top_k=1), greedy)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="top_k"):
+            generate(model, prompt, 2, top_k=bad)
+
+
+def test_top_k_keeps_only_the_k_most_likely():
+    from moekit.models.generate import next_token_probs
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    probs = next_token_probs(logits, 1.0, top_k=2)[0]
+    e3, e2 = torch.exp(torch.tensor(3.0)), torch.exp(torch.tensor(2.0))
+    assert torch.allclose(probs, torch.stack([torch.tensor(0.0), e3, torch.tensor(0.0), e2]) / (e3 + e2))
