@@ -1,5 +1,9 @@
 """Expert parallelism over torch.distributed: sharded experts, uneven all-to-all, EP x DP meshes,
-resharding checkpoints, and an all-to-all cost model. See the README, "Expert parallelism"."""
+resharding checkpoints, and an all-to-all cost model. See the README, "Expert parallelism".
+
+The LM trainer under torchrun lives in ``moekit.parallel.train_lm`` (``DistributedTrainer``), its
+trainer-format checkpoints with gathered optimizer state in ``moekit.parallel.consolidate``; both import
+``moekit.training`` and are not imported here."""
 
 from moekit.parallel.all_to_all import all_reduce_sum, all_to_all, comm_stats
 from moekit.parallel.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
@@ -10,7 +14,7 @@ from moekit.parallel.data_parallel import (
     split_parameters,
     sync_gradients,
 )
-from moekit.parallel.ep_layer import ExpertParallelMoELayer, expert_parallel
+from moekit.parallel.ep_layer import ExpertParallelMoELayer, expert_parallel, global_param_counts
 from moekit.parallel.mesh import (
     ConfigMismatchError,
     DistributedError,
@@ -38,6 +42,7 @@ __all__ = [
     "comm_stats",
     "ep_cost",
     "expert_parallel",
+    "global_param_counts",
     "init_distributed",
     "load_checkpoint",
     "read_manifest",

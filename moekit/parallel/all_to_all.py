@@ -89,9 +89,7 @@ def _row_bytes(x: Tensor) -> int:
     return n * x.element_size()
 
 
-def all_to_all_nograd(
-    x: Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup | None, tag: str
-) -> Tensor:
+def all_to_all_nograd(x: Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup | None, tag: str) -> Tensor:
     """Uneven all-to-all without autograd (counts, metadata). x (sum(send), *) -> (sum(recv), *):
     ``send[d]`` rows go to rank d, ``recv[s]`` rows come from rank s."""
     x = x.contiguous()

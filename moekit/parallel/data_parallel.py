@@ -27,10 +27,7 @@ from moekit.parallel.mesh import ParallelGroups, collective_device, collective_g
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(replicated, expert) parameters; expert ones are the shards of ``ExpertParallelMoELayer.experts``."""
     expert_ids = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, ExpertParallelMoELayer)
-        for p in m.experts.parameters()
+        id(p) for m in model.modules() if isinstance(m, ExpertParallelMoELayer) for p in m.experts.parameters()
     }
     replicated, expert = [], []
     for p in model.parameters():  # a tied parameter appears once

@@ -103,14 +103,14 @@ class ExpertParallelMoELayer(MoELayer):
             if not key.startswith("_"):
                 object.__setattr__(self, key, value)
         self.loss_weights = dict(layer.loss_weights)
+        # Submodules in the layer's order (experts swapped for their slice in place), so that parameters()
+        # and state_dict() list names in the single-process order: optimizer states line up by index.
         for name, module in layer._modules.items():
-            if name != "experts":
-                self.add_module(name, module)
+            self.add_module(name, _slice_experts(module, start, stop) if name == "experts" else module)
         for name, param in layer._parameters.items():
             self.register_parameter(name, param)
         for name, buf in layer._buffers.items():
             self.register_buffer(name, buf, persistent=name not in layer._non_persistent_buffers_set)
-        self.experts = _slice_experts(layer.experts, start, stop)
         self.ep_group, self.ep_size, self.ep_rank = group, size, rank
         self.replica_group = replica_group
         self.expert_start, self.num_local_experts = start, stop - start
@@ -177,16 +177,12 @@ class ExpertParallelMoELayer(MoELayer):
         cnt = torch.bincount(key, minlength=S * E).view(S, W, El)  # my pairs per (slot, owner, local expert)
         to_owner = cnt.transpose(0, 1).reshape(-1)  # (W*S*El,) owner-major
         split = [S * El] * W
-        got = all_to_all_nograd(to_owner, split, split, self.ep_group, "ep.counts").view(
-            W, S, El
-        )  # (src, s, e)
+        got = all_to_all_nograd(to_owner, split, split, self.ep_group, "ep.counts").view(W, S, El)  # (src, s, e)
         blocks = got.transpose(0, 1).reshape(S * W, El)  # global pair order: slot-major, then source rank
         before = blocks.cumsum(0) - blocks  # pairs of each local expert ahead of the block
         kept_blocks = (C - before).clamp(min=0).minimum(blocks).view(S, W, El)
         back = kept_blocks.transpose(0, 1).reshape(-1)  # (W*S*El,) source-major
-        limits = all_to_all_nograd(back, split, split, self.ep_group, "ep.counts").view(
-            W, S, El
-        )  # (owner, s, e)
+        limits = all_to_all_nograd(back, split, split, self.ep_group, "ep.counts").view(W, S, El)  # (owner, s, e)
         limit = limits.transpose(0, 1).reshape(S * E)[key]  # (P,) survivors of each local (slot, expert)
         keep = _rank_within_groups(key, S * E) < limit
         return keep, C, kept_blocks.sum(0)
@@ -208,9 +204,7 @@ class ExpertParallelMoELayer(MoELayer):
         meta = torch.stack([pos.to(torch.float64), routing.pair_priority().detach().to(torch.float64)], 1)
         routed_blocks = all_to_all_nograd(routed, [El] * W, [El] * W, self.ep_group, "ep.counts").view(W, El)
         send, recv = routed.view(W, El).sum(1).tolist(), routed_blocks.sum(1).tolist()
-        got = all_to_all_nograd(
-            meta[by_expert], send, recv, self.ep_group, "ep.priority"
-        )  # (R, 2) source-major
+        got = all_to_all_nograd(meta[by_expert], send, recv, self.ep_group, "ep.priority")  # (R, 2) source-major
         # Owner side: plan_capacity's rule per local expert.
         src_expert = torch.arange(W * El, device=dev).repeat_interleave(routed_blocks.reshape(-1))  # (R,)
         expert = src_expert % El
@@ -222,9 +216,7 @@ class ExpertParallelMoELayer(MoELayer):
         keep_got = torch.zeros(order.numel(), dtype=torch.long, device=dev)
         keep_got[order] = (rank_in_expert < C).long()
         kept_blocks = torch.bincount(src_expert[keep_got.bool()], minlength=W * El).view(W, El)
-        flags = all_to_all_nograd(
-            keep_got, recv, send, self.ep_group, "ep.priority"
-        )  # (P,) in by_expert order
+        flags = all_to_all_nograd(keep_got, recv, send, self.ep_group, "ep.priority")  # (P,) in by_expert order
         keep = torch.zeros(routing.num_pairs, dtype=torch.bool, device=dev)
         keep[by_expert] = flags.bool()
         return keep, C, kept_blocks
@@ -322,6 +314,23 @@ def expert_parallel(
     return model
 
 
+def global_param_counts(model: nn.Module) -> dict[str, int]:
+    """``MoETransformerLM.param_counts()`` of the full model, from one rank of an expert-parallel one.
+
+    ``total`` counts every expert of the global E once (not only this rank's shard); ``active`` subtracts,
+    per MoE layer, the ``num_experts - k`` experts a token does not use (as ``param_counts`` does)."""
+    total = sum(p.numel() for p in model.parameters())  # a tied weight once
+    inactive = 0
+    for m in model.modules():
+        if not isinstance(m, MoELayer) or m.experts is None:
+            continue
+        held = m.num_local_experts if isinstance(m, ExpertParallelMoELayer) else m.num_experts
+        per_expert = sum(p.numel() for p in m.experts.parameters()) // max(held, 1)
+        total += (m.num_experts - held) * per_expert
+        inactive += (m.num_experts - m.k) * per_expert
+    return {"total": total, "active": total - inactive}
+
+
 def _signature(layer: MoELayer, capacity_scope: str) -> dict:
     """What must agree across ranks for the collectives to line up and the replicas to stay identical."""
     experts = layer.experts
@@ -345,9 +354,7 @@ def _signature(layer: MoELayer, capacity_scope: str) -> dict:
 def _slice_experts(full: GroupedFFN, start: int, stop: int) -> GroupedFFN:
     """A GroupedFFN holding copies of experts ``[start, stop)`` of ``full``."""
     ref = full.down_proj
-    local = GroupedFFN(
-        full.d_model, full.d_ff, stop - start, activation=full.activation, backend=full.backend
-    )
+    local = GroupedFFN(full.d_model, full.d_ff, stop - start, activation=full.activation, backend=full.backend)
     local = local.to(device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
         for name, param in full.named_parameters(recurse=False):

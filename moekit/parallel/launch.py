@@ -1,4 +1,9 @@
-"""Train the MoE LM with expert parallelism (x data parallelism) under torchrun.
+"""A self-contained smoke launcher: the MoE LM on synthetic data with expert x data parallelism, under torchrun.
+
+For real training (config file, the bundled corpus, the trainer's optimizer, schedule, metrics and
+checkpoints) use ``moekit.parallel.train_lm`` (``moekit train CONFIG --nproc N``). This launcher needs no
+data files; its checkpoints are ``moekit.parallel.checkpoint``'s per-shard files (weights and AdamW state,
+no gathering).
 
     torchrun --standalone --nproc-per-node 4 -m moekit.parallel.launch --ep 2 --steps 50 --save ckpt/ep
 
@@ -7,7 +12,8 @@ Every rank builds the model from the same seed, shards the experts of each MoE l
 and trains on its own rows of a global batch that is a pure function of ``(seed, step)``: rank r takes rows
 ``[r * B, (r + 1) * B)`` of the ``W * B`` rows. The logged loss is the mean over the ranks, which is the loss
 one process gets on the whole global batch (``train_lm(..., groups=None)``). Data: a synthetic first-order
-Markov token stream (learnable, needs no files). ``--resume`` loads a checkpoint saved with any EP size.
+Markov token stream (learnable, needs no files). ``--resume`` loads a checkpoint saved with any EP size
+(weights and AdamW state).
 """
 
 from __future__ import annotations
@@ -30,9 +36,7 @@ from moekit.parallel.data_parallel import broadcast_replicated, clip_grad_norm_,
 from moekit.parallel.ep_layer import expert_parallel
 from moekit.parallel.mesh import ParallelGroups, build_groups, check_consistent, init_distributed, shard_range
 
-TINY_CONFIG = dict(
-    vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=128, num_experts=8, k=2, max_seq_len=64
-)
+TINY_CONFIG = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=128, num_experts=8, k=2, max_seq_len=64)
 
 
 def synthetic_batch(step: int, seed: int, batch: int, seq_len: int, vocab: int) -> Tensor:
@@ -65,6 +69,11 @@ def build_model(
     return model
 
 
+def make_optimizer(model: torch.nn.Module, lr: float = 3e-3) -> torch.optim.AdamW:
+    """The launcher's optimizer: AdamW over all parameters, weight decay 0.01."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+
+
 def train_lm(
     model: MoETransformerLM,
     groups: ParallelGroups | None,
@@ -76,12 +85,14 @@ def train_lm(
     max_grad_norm: float = 1.0,
     start_step: int = 0,
     log: Callable[[dict], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> list[float]:
-    """Run ``steps`` AdamW steps; returns the global mean total loss (task + aux) of each step."""
+    """Run ``steps`` AdamW steps (``optimizer``: default a fresh AdamW with ``lr``, weight decay 0.01);
+    returns the global mean total loss (task + aux) of each step."""
     distributed = groups is not None and groups.distributed
     world, rank = (groups.world_size, groups.rank) if distributed else (1, 0)
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    opt = optimizer if optimizer is not None else make_optimizer(model, lr)
     vocab = model.config.vocab_size
     losses = []
     model.train()
@@ -111,25 +122,19 @@ def train_lm(
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m moekit.parallel.launch", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--ep", type=int, default=None, help="expert-parallel size (divides the world; default: all)"
-    )
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel size (divides the world; default: all)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4, help="sequences per rank")
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument(
-        "--config", type=Path, default=None, help="JSON file of LMConfig fields (default: tiny LM)"
-    )
+    p.add_argument("--config", type=Path, default=None, help="JSON file of LMConfig fields (default: tiny LM)")
     p.add_argument("--num-experts", type=int, default=None)
     p.add_argument("--capacity-factor", type=float, default=None)
     p.add_argument("--capacity-scope", choices=("global", "local"), default="global")
     p.add_argument("--save", type=Path, default=None, help="checkpoint directory written at the end")
-    p.add_argument(
-        "--resume", type=Path, default=None, help="checkpoint directory to start from (any EP size)"
-    )
+    p.add_argument("--resume", type=Path, default=None, help="checkpoint directory to start from (any EP size)")
     p.add_argument("--log-json", type=Path, default=None, help="rank 0 writes the per-step log here")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait for a peer")
     return p.parse_args(argv)
@@ -151,9 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         nccl = dist.get_backend() == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         model = build_model(config, groups, args.seed, args.capacity_scope, device)
+        opt = make_optimizer(model, args.lr)
         start = 0
-        if args.resume is not None:
-            start = int(load_checkpoint(model, args.resume).get("step", 0))
+        if args.resume is not None:  # weights and AdamW state, resharded to this EP size
+            start = int(load_checkpoint(model, args.resume, optimizer=opt).get("step", 0))
         rank = dist.get_rank()
         records: list[dict] = []
 
@@ -185,10 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.max_grad_norm,
             start,
             log,
+            opt,
         )
         if args.save is not None:
             extra = {"config": config.to_dict(), "step": start + args.steps}
-            save_checkpoint(model, args.save, groups, extra=extra)
+            save_checkpoint(model, args.save, groups, extra=extra, optimizer=opt)
             if rank == 0:
                 print(f"saved {args.save}", flush=True)
         if rank == 0 and args.log_json is not None:

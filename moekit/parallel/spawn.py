@@ -32,6 +32,9 @@ _PRELOAD = [
     "moekit.layer",
     "moekit.models",
     "moekit.parallel.launch",
+    "moekit.parallel.train_lm",
+    "moekit.training.prepare",
+    "moekit.data",
 ]
 
 
@@ -63,9 +66,7 @@ def _main_not_reimported() -> Iterator[None]:
             main.__dict__.update(saved)
 
 
-def _entry(
-    fn: Callable, rank: int, world: int, args: tuple, tmp: str, pg_timeout_s: float, threads: int
-) -> None:
+def _entry(fn: Callable, rank: int, world: int, args: tuple, tmp: str, pg_timeout_s: float, threads: int) -> None:
     import torch
     import torch.distributed as dist
 
@@ -107,9 +108,7 @@ def spawn_ranks(
     ctx = _context()
     with tempfile.TemporaryDirectory(prefix="moekit-ranks-") as tmp:
         procs = [
-            ctx.Process(
-                target=_entry, args=(fn, r, world_size, args, tmp, pg_timeout_s, threads), daemon=True
-            )
+            ctx.Process(target=_entry, args=(fn, r, world_size, args, tmp, pg_timeout_s, threads), daemon=True)
             for r in range(world_size)
         ]
         with _main_not_reimported():
@@ -133,14 +132,10 @@ def spawn_ranks(
         errors = {r: f.read_text() for r, f in errors.items() if f.is_file()}
         bad = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode != 0 and r not in hung}
         if bad:
-            details = "\n".join(
-                f"--- rank {r} ---\n{errors.get(r, f'exit code {code}')}" for r, code in bad.items()
-            )
+            details = "\n".join(f"--- rank {r} ---\n{errors.get(r, f'exit code {code}')}" for r, code in bad.items())
             killed = f" (ranks {hung} were killed afterwards)" if hung else ""
             raise RankFailure(f"ranks {sorted(bad)} of {world_size} failed{killed}:\n{details}")
         if hung:
-            raise TimeoutError(
-                f"ranks {hung} of {world_size} did not finish within {timeout_s} s and were killed"
-            )
+            raise TimeoutError(f"ranks {hung} of {world_size} did not finish within {timeout_s} s and were killed")
         files = [Path(tmp) / f"result-{r}.json" for r in range(world_size)]
         return [json.loads(f.read_text()) if f.is_file() else None for f in files]

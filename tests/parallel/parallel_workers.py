@@ -18,7 +18,7 @@ from moekit.parallel.all_to_all import comm_stats
 from moekit.parallel.cost_model import bytes_from_splits, ep_cost
 from moekit.parallel.data_parallel import sync_gradients
 from moekit.parallel.ep_layer import ExpertParallelMoELayer
-from moekit.parallel.launch import build_model, train_lm
+from moekit.parallel.launch import build_model, make_optimizer, train_lm
 from moekit.parallel.mesh import (
     ConfigMismatchError,
     DistributedError,
@@ -56,9 +56,7 @@ class RoundRobinRouter(Router):
         idx = (torch.arange(T).unsqueeze(1) + torch.arange(self.k).unsqueeze(0)) % self.num_experts  # (T, K)
         w = logits.softmax(-1).gather(1, idx)
         token_idx, expert_idx, weight = slot_major_pairs(idx, w)
-        return Routing(
-            token_idx, expert_idx, weight, T, self.num_experts, logits=logits, probs=logits.softmax(-1)
-        )
+        return Routing(token_idx, expert_idx, weight, T, self.num_experts, logits=logits, probs=logits.softmax(-1))
 
 
 def _groups(world: int) -> ParallelGroups:
@@ -159,9 +157,7 @@ def bytes_balanced(rank: int, world: int) -> dict:
     (out.output.square().sum() + out.aux_loss).backward()
     tags = comm_stats().tags
     return {
-        "counted": {
-            t: tags[t].remote_bytes for t in ("dispatch.fwd", "combine.fwd", "dispatch.bwd", "combine.bwd")
-        },
+        "counted": {t: tags[t].remote_bytes for t in ("dispatch.fwd", "combine.fwd", "dispatch.bwd", "combine.bwd")},
         "model": ep_cost(T, D, E, K, world, 4, bandwidth_GBps=1.0).as_dict(),
     }
 
@@ -217,8 +213,9 @@ def two_rank_suite(rank: int, world: int, ckpt_dir: str) -> dict:
     res = {"layer": layer_suite(rank, world)}
     groups = build_groups(world)
     model = build_model(LMConfig(**LM), groups, seed=0)
-    res["losses"] = train_lm(model, groups, LM_STEPS, LM_BATCH, LM_SEQ, lr=LM_LR, seed=0)
-    save_checkpoint(model, ckpt_dir, groups, extra={"config": LM})
+    opt = make_optimizer(model, LM_LR)
+    res["losses"] = train_lm(model, groups, LM_STEPS, LM_BATCH, LM_SEQ, lr=LM_LR, seed=0, optimizer=opt)
+    save_checkpoint(model, ckpt_dir, groups, extra={"config": LM}, optimizer=opt)
     res["logits"] = eval_logits(model, rank, world)
     return res
 
@@ -231,8 +228,13 @@ def four_rank_suite(rank: int, world: int, ckpt_dir: str) -> dict:
     for ep in (4, 1, 2):
         groups = build_groups(ep)
         model = build_model(LMConfig(**LM), groups, seed=123)  # other weights, overwritten by the load
-        load_checkpoint(model, ckpt_dir)
+        opt = make_optimizer(model, LM_LR)
+        load_checkpoint(model, ckpt_dir, optimizer=opt)
         res[f"logits_ep{ep}"] = eval_logits(model, rank, world)
+        # two more steps from the loaded AdamW state (same global batches of 2 * LM_BATCH rows); the loss of
+        # the second one shows the first update, hence the loaded moments
+        rows = 2 * LM_BATCH // world
+        res[f"next_ep{ep}"] = train_lm(model, groups, 2, rows, LM_SEQ, LM_LR, 0, start_step=LM_STEPS, optimizer=opt)
     # EP=2 x DP=2 training matches the single process too (expert grads reduced over the DP group).
     groups = build_groups(2)
     model = build_model(LMConfig(**LM), groups, seed=0)

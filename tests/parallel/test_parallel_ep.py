@@ -22,8 +22,8 @@ from parallel_workers import (
 )
 
 from moekit.models import LMConfig
-from moekit.parallel.checkpoint import CheckpointError, load_checkpoint, read_manifest
-from moekit.parallel.launch import build_model, train_lm
+from moekit.parallel.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
+from moekit.parallel.launch import build_model, make_optimizer, train_lm
 from moekit.parallel.spawn import spawn_ranks
 
 TOL = 1e-5
@@ -48,11 +48,14 @@ def four(two, ckpt_dir):  # needs the checkpoint written by the 2-rank run
 def single_run():
     """The single-process LM trained on the global batch (all ranks' rows), and its eval logits."""
     model = build_model(LMConfig(**LM), None, seed=0)
-    losses = train_lm(model, None, LM_STEPS, LM_BATCH * 2, LM_SEQ, lr=LM_LR, seed=0)
+    opt = make_optimizer(model, LM_LR)
+    losses = train_lm(model, None, LM_STEPS, LM_BATCH * 2, LM_SEQ, lr=LM_LR, seed=0, optimizer=opt)
     model.eval()
     with torch.no_grad():
         logits = model(eval_tokens()).logits
-    return losses, logits
+    model.train()
+    following = train_lm(model, None, 2, LM_BATCH * 2, LM_SEQ, LM_LR, 0, start_step=LM_STEPS, optimizer=opt)
+    return losses, logits, following
 
 
 def _all_ranks(results, key):
@@ -110,7 +113,7 @@ def test_failures_are_clear_errors(two):
 
 
 def test_training_steps_match_single_process(two, four, single_run):
-    ref, _ = single_run
+    ref, _, _ = single_run
     assert len(ref) == LM_STEPS and ref[-1] < ref[0]
     for results, key in ((two, "losses"), (four, "losses_ep2_dp2")):
         for res in results:
@@ -122,7 +125,7 @@ def test_checkpoint_reshards(two, four, single_run, ckpt_dir):
     assert manifest["ep_size"] == 2 and len(manifest["shards"]) == 2
     assert not any(ckpt_dir.glob("*.pt")) and json.loads((ckpt_dir / "manifest.json").read_text())["extra"]
 
-    _, trained = single_run
+    _, trained, following = single_run
     ep2 = torch.tensor([row for res in two for row in res["logits"]])
     assert (ep2 - trained).abs().max() <= TOL  # the EP=2 model before saving
 
@@ -135,6 +138,9 @@ def test_checkpoint_reshards(two, four, single_run, ckpt_dir):
     for ep in (4, 1, 2):
         got = torch.tensor([row for res in four for row in res[f"logits_ep{ep}"]])
         assert (got - loaded).abs().max() <= TOL, f"EP={ep}"
+        # the AdamW moments were saved sharded and resharded too: the next steps continue the run
+        for res in four:
+            assert res[f"next_ep{ep}"] == pytest.approx(following, abs=TOL), f"EP={ep}"
 
 
 def test_checkpoint_rejects_mismatched_model(two, ckpt_dir):
@@ -143,3 +149,10 @@ def test_checkpoint_rejects_mismatched_model(two, ckpt_dir):
         load_checkpoint(other, ckpt_dir)
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         load_checkpoint(other, ckpt_dir / "missing")
+
+
+def test_checkpoint_without_optimizer_state_says_so(tmp_path):
+    model = build_model(LMConfig(**LM), None, seed=0)
+    save_checkpoint(model, tmp_path / "weights_only")
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        load_checkpoint(model, tmp_path / "weights_only", optimizer=make_optimizer(model))

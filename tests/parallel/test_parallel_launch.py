@@ -1,43 +1,79 @@
-"""The documented torchrun command trains the LM with EP=2 and matches the single-process run."""
+"""The documented command, ``moekit train CONFIG --nproc 2`` (torchrun running ``moekit.parallel.train_lm``),
+trains the LM on the bundled corpus with EP=2, matches the single-process trainer and leaves a checkpoint
+the single-process trainer resumes (tested in process in test_parallel_train_lm.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from moekit.models import LMConfig
-from moekit.parallel.checkpoint import load_checkpoint, read_manifest
-from moekit.parallel.launch import TINY_CONFIG, build_model, train_lm
+from moekit.cli import app
+from moekit.parallel.train_lm import torchrun_command
+from moekit.training.config_file import load_config
+from moekit.training.metrics import read_metrics
+from moekit.training.prepare import prepare_data
+from moekit.training.runs import torch_threads, train_run
 
-ROOT = Path(__file__).resolve().parents[2]
+TOML = """
+[run]
+name = "tiny"
+out_dir = "{out}"
+[data]
+vocab_size = 280
+chapter_stride = 80
+[model]
+d_model = 32
+n_layers = 2
+n_heads = 2
+d_ff = 32
+num_experts = 4
+max_seq_len = 16
+[train]
+max_steps = 3
+batch_size = 4
+block_size = 16
+warmup_steps = 1
+eval_every = 0
+eval_batches = 1
+"""
+
+
+def test_torchrun_command_line():
+    cmd = torchrun_command("run.toml", 4, out="o", resume=True, ep_size=2)
+    assert cmd[:2] == [sys.executable, "-m"] and cmd[2] == "torch.distributed.run"
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "4"
+    assert cmd[cmd.index("-m", 3) :] == [
+        "-m",
+        "moekit.parallel.train_lm",
+        "run.toml",
+        "--out",
+        "o",
+        "--ep",
+        "2",
+        "--resume",
+    ]
+    with pytest.raises(ValueError, match="nproc must be an int >= 1"):
+        torchrun_command("run.toml", 0)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-def test_torchrun_launch_trains_and_saves(tmp_path):
-    ckpt, log = tmp_path / "ckpt", tmp_path / "log.json"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "moekit.parallel.launch", "--ep", "2", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
-        "--save", str(ckpt), "--log-json", str(log), "--timeout", "60",
-    ]  # fmt: skip
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "world 2 = dp 1 x ep 2" in proc.stdout
+def test_moekit_train_nproc_2(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TOML.format(out=tmp_path / "ep2"))
+    result = CliRunner().invoke(app, ["train", str(config), "--nproc", "2"])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "ep2" / "tiny"
+    got = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    summary = json.loads((tmp_path / "ep2" / "summary.json").read_text())
+    assert summary["parallel"] == {"world_size": 2, "ep_size": 2, "dp_size": 1}
 
-    losses = [r["loss"] for r in json.loads(log.read_text())]
-    single = build_model(LMConfig(**TINY_CONFIG), None, seed=0)
-    assert losses == pytest.approx(train_lm(single, None, 2, 4, 16), abs=1e-5)
-
-    assert read_manifest(ckpt)["ep_size"] == 2
-    fresh = build_model(LMConfig(**TINY_CONFIG), None, seed=1)
-    assert load_checkpoint(fresh, ckpt)["step"] == 2
-    for name, t in fresh.state_dict().items():
-        assert t.equal(single.state_dict()[name]) or (t - single.state_dict()[name]).abs().max() < 1e-4, name
+    cfg = load_config(config)  # the single-process trainer, on the tokenizer the distributed run trained
+    data = prepare_data(cfg.data, cfg.train, tmp_path / "ep2")
+    with torch_threads(1):
+        single = train_run("tiny", cfg.model, cfg.train, data, tmp_path / "single", progress=False)
+    assert got == pytest.approx([r["loss"] for r in single.rows], abs=1e-5)
