@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from numbers import Integral, Real
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from moekit.tabular._experts import ExpertBank, ExpertSpec, build_experts, expert_specs
 from moekit.tabular._network import TabularMoE
-from moekit.tabular._training import TrainConfig, fit_shared, torch_threads, train
+from moekit.tabular._training import TrainConfig, _snapshot, fit_shared, torch_threads, train
 
 ROUTINGS = ("soft", "topk")
 SHARED = ("linear", None)
@@ -73,6 +74,10 @@ class _BaseMoE(BaseEstimator):
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _row_loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """(n,) the loss of each row."""
+        raise NotImplementedError
+
     def _stratify(self, y: np.ndarray) -> np.ndarray | None:
         return None
 
@@ -102,6 +107,10 @@ class _BaseMoE(BaseEstimator):
                     net.experts.zero_output()  # start exactly at the linear fit; experts learn the residual
                 fit_shared(net, self._loss, x_t[train_idx], y_t[train_idx], self._l2(len(train_idx)))
             has_val = val_idx is not None
+            # the linear fit the experts must beat (built-in experts start at zero: net == linear fit)
+            linear_state = (
+                _snapshot(net) if has_val and net.shared is not None and isinstance(experts, ExpertBank) else None
+            )
             result = train(
                 net,
                 self._loss,
@@ -112,6 +121,13 @@ class _BaseMoE(BaseEstimator):
                 self._train_config(len(train_idx)),
                 torch.Generator().manual_seed(seed),
             )
+            self.experts_kept_ = True
+            if linear_state is not None and not self._beats(net, linear_state, x_t[val_idx], y_t[val_idx]):
+                # The experts' validation gain is within noise: keep the linear fit, refitted on every row (the
+                # validation rows only made this choice), which is what the linear baseline is.
+                net.load_state_dict(linear_state)
+                fit_shared(net, self._loss, x_t, y_t, self._l2(len(x_t)))
+                self.experts_kept_ = False
             self.module_ = net
         self.n_iter_ = result.n_epochs
         self.loss_curve_ = result.loss_curve
@@ -121,6 +137,20 @@ class _BaseMoE(BaseEstimator):
             top = self._top_expert(x_t)
         self.expert_share_ = np.bincount(top, minlength=self.module_.n_experts) / len(top)
         return self
+
+    @torch.no_grad()
+    def _beats(self, net: TabularMoE, linear_state: dict, x_val: Tensor, y_val: Tensor) -> bool:
+        """One-standard-error rule: the trained net beats the linear fit when its mean per-row validation loss
+        is lower by more than one standard error of the paired per-row differences."""
+        net.eval()
+        trained = self._row_loss(net(x_val)[0], y_val)
+        state = _snapshot(net)
+        net.load_state_dict(linear_state)
+        linear = self._row_loss(net(x_val)[0], y_val)
+        net.load_state_dict(state)
+        gain = linear - trained  # (n_val,) > 0 where the experts help
+        se = float(gain.std()) / math.sqrt(len(gain)) if len(gain) > 1 else 0.0
+        return float(gain.mean()) > se
 
     def _check_params(self) -> list[ExpertSpec]:
         specs = expert_specs(self.experts, self.n_experts)
@@ -224,8 +254,10 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
         shared_expert: ``"linear"``: an always-on linear expert added to the mixture (moekit's shared-expert
             idea), warm-started at an L2-regularised logistic / ridge fit of the training rows (L-BFGS; the
             penalty of LogisticRegression(C=1) / Ridge(alpha=1)) while built-in experts start at zero, so the
-            gated experts learn the residual and early stopping keeps the linear fit unless they beat it on the
-            validation rows. None: the gated experts alone.
+            gated experts learn the residual. After training the experts are kept only if they beat the linear
+            fit on the validation rows by more than one standard error of the per-row loss differences; else
+            the model is the linear fit, refitted on every row (``experts_kept_`` says which). None: the gated
+            experts alone.
         routing: ``"soft"`` (every expert, softmax weights) or ``"topk"`` (moekit ``TopKRouter``, sparse).
         k: experts per row with ``routing="topk"``.
         balance_weight: weight of the balance loss (importance CV^2 when soft, Switch loss when sparse).
@@ -243,7 +275,8 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
     dispatched row-sparsely through moekit's dropless plan. Inputs are standardised internally.
 
     Fitted: ``classes_``, ``module_`` (the torch ``TabularMoE``), ``n_iter_`` (epochs run), ``loss_curve_``,
-    ``validation_loss_curve_``, ``best_loss_``, ``expert_share_`` (share of training rows whose top expert is e).
+    ``validation_loss_curve_``, ``best_loss_``, ``expert_share_`` (share of training rows whose top expert is e),
+    ``experts_kept_`` (False where the gated experts did not beat the linear fit and were dropped).
     """
 
     def fit(self, X, y):
@@ -263,6 +296,9 @@ class MoEClassifier(ClassifierMixin, _BaseMoE):
 
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
         return nn.functional.cross_entropy(out, y)
+
+    def _row_loss(self, out: Tensor, y: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(out, y, reduction="none")
 
     def _l2(self, n: int) -> float:
         return 0.5 / n
@@ -285,7 +321,7 @@ class MoERegressor(RegressorMixin, _BaseMoE):
 
     Parameters are those of ``MoEClassifier``; experts given as ``nn.Module`` map (n, n_features) to
     (n, n_outputs). Inputs and targets are standardised internally. Fitted: ``n_outputs_``, ``module_``,
-    ``n_iter_``, ``loss_curve_``, ``validation_loss_curve_``, ``best_loss_``, ``expert_share_``.
+    ``n_iter_``, ``loss_curve_``, ``validation_loss_curve_``, ``best_loss_``, ``expert_share_``, ``experts_kept_``.
     """
 
     def fit(self, X, y):
@@ -303,6 +339,9 @@ class MoERegressor(RegressorMixin, _BaseMoE):
 
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
         return nn.functional.mse_loss(out, y)
+
+    def _row_loss(self, out: Tensor, y: Tensor) -> Tensor:
+        return (out - y).square().mean(dim=1)
 
     def _l2(self, n: int) -> float:
         return 1.0 / n

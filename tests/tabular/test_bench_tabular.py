@@ -74,3 +74,13 @@ def test_summarize_counts_directions():
     s = summarize([case("a", "accuracy", 0.9, 0.8, 0.9), case("b", "rmse", 2.0, 1.0, 3.0)])
     assert s["at_or_above_hgb"] == ["a", "b"] and s["below_linear"] == ["b"]
     assert s["goal_at_or_above_hgb_on_half"] and not s["goal_never_below_linear"]
+
+
+def test_at_least_as_good_treats_equal_means_as_equal():
+    from moekit.bench.tabular import at_least_as_good
+
+    folds = [0.956140350877193, 0.9736842105263158, 0.9824561403508771, 1.0, 0.9823008849557522]
+    a, b = sum(folds) / 5, sum(reversed(folds)) / 5  # the same scores, summed in another order
+    assert at_least_as_good(a, b, regression=False) and at_least_as_good(b, a, regression=False)
+    assert at_least_as_good(0.9, 0.8, regression=False) and not at_least_as_good(0.8, 0.9, regression=False)
+    assert at_least_as_good(3.0, 3.5, regression=True) and not at_least_as_good(3.5, 3.0, regression=True)
