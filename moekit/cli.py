@@ -1,8 +1,8 @@
 """The ``moekit`` command line: thin wrappers that parse options, call the library and print with rich.
 
 Each command is one small function; heavy imports happen inside it, so ``moekit --help`` stays fast.
-Groups: ``moekit bench <name>`` (layer now; lm, hf, edge, ep, retrieval, tabular later). Top-level commands
-to come (demo, train, generate, convert, compare-routers) are added the same way: ``@app.command(...)``.
+Top level: version, routers, demo, train, generate, compare-routers, convert; groups ``moekit index build|query``
+and ``moekit bench <name>`` (layer, lm, hf, ep, edge, retrieval, tabular, hecto, tabmoe).
 """
 
 from __future__ import annotations
@@ -105,7 +105,10 @@ def routers() -> None:
 # ------------------------------------------------------------------------------------------ bench
 @bench_app.command("layer")
 def bench_layer(
-    quick: Annotated[bool, typer.Option("--quick", help="only the headline case (E=64, k=2, fp32).")] = False,
+    quick: Annotated[
+        bool,
+        typer.Option("--quick", help="only the headline case (E=64, k=2, fp32), d_model 256, CPU time of one thread."),
+    ] = False,
     json_path: JsonOpt = None,
     threads: ThreadsOpt = None,
     profile: Annotated[
@@ -149,13 +152,38 @@ def train(
     out: Annotated[Path | None, typer.Option("--out", help="output folder (default: from config).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="train on this UTF-8 text file or folder of them (overrides [data] source)."),
+    ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            help="train on N local processes with expert x data parallelism (runs torchrun --nproc-per-node N "
+            "-m moekit.parallel.train_lm CONFIG).",
+        ),
+    ] = None,
 ) -> None:
     """Train from a config file (unknown keys are errors naming the key)."""
     from moekit.training import train_from_config
 
     if not config.is_file():
         raise typer.BadParameter(f"config file {config} does not exist")
-    train_from_config(config, out_dir=out, resume=resume, overwrite=overwrite)
+    if nproc is not None and nproc < 1:
+        raise typer.BadParameter(f"--nproc must be >= 1, got {nproc}")
+    if data is not None and not data.exists():
+        raise typer.BadParameter(f"--data {data} does not exist (expected a UTF-8 text file or a folder of them)")
+    if nproc is not None and nproc > 1:
+        if data is not None:
+            raise typer.BadParameter("--data is not supported with --nproc > 1: set [data] source in the config")
+        from moekit.parallel.train_lm import launch
+
+        code = launch(config, nproc, out=out, resume=resume, overwrite=overwrite)
+        if code:
+            raise typer.Exit(code)
+        return
+    train_from_config(config, out_dir=out, resume=resume, overwrite=overwrite, data_source=data)
 
 
 @app.command("compare-routers")
@@ -169,6 +197,107 @@ def compare_routers(
     from moekit.training import run_compare_routers
 
     run_compare_routers(out_dir=out, minutes=minutes, smoke=smoke, seed=seed)
+
+
+@app.command()
+def generate(
+    checkpoint: Annotated[
+        Path, typer.Option("--checkpoint", help="checkpoint, run or demo output folder (e.g. ./moekit-demo).")
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", help="text to continue.")],
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="tokens to generate (default: 64, or what fits).")
+    ] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.8,
+    top_p: Annotated[float, typer.Option("--top-p", help="nucleus sampling mass, in (0, 1].")] = 0.95,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="sample among the k most likely tokens.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="makes sampling reproducible.")] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="print tokens as they come.")] = True,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option("--memory-budget", help="run on the edge runtime: expert bytes in RAM, '25%' or '64MB'."),
+    ] = None,
+    cache: Annotated[
+        str, typer.Option("--cache", help="edge expert cache: lru, lfu, committee, least-stale (or naive).")
+    ] = "lru",
+    prefetch: Annotated[bool, typer.Option("--prefetch", help="edge: load the next layer's experts ahead.")] = False,
+    storage_mbps: Annotated[
+        float | None, typer.Option("--storage-mbps", help="edge: emulate storage of this many MB/s.")
+    ] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="edge: int8 per-channel experts (not bit-exact).")] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Continue a prompt with a trained LM checkpoint; with --memory-budget its experts stay on disk."""
+    import sys
+
+    import torch
+
+    from moekit.inference.serve import GenerateError, GenerateOptions, run_generate
+    from moekit.inference.store import StoreError
+    from moekit.training.checkpoint import CheckpointError
+
+    started = [False]
+
+    def write(text: str) -> None:
+        if not started[0]:  # the prompt goes out with the first new text, not before errors
+            started[0] = True
+            text = prompt + text
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        options = GenerateOptions(
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            memory_budget=memory_budget,
+            cache=cache,
+            prefetch=prefetch,
+            storage_mbps=storage_mbps,
+            int8=int8,
+        )
+        if threads is not None:
+            torch.set_num_threads(threads)
+        result = run_generate(checkpoint, options, write if stream else None)
+    except GenerateError as err:
+        raise typer.BadParameter(str(err), param_hint=f"'{err.param}'" if err.param else None) from None
+    except (CheckpointError, StoreError) as err:
+        raise typer.BadParameter(str(err), param_hint="'--checkpoint'") from None
+    except ValueError as err:  # e.g. an unreadable tokenizer.json, named in the message
+        raise typer.BadParameter(str(err), param_hint="'--checkpoint'") from None
+    write(("" if stream else result.text) + "\n")
+    console = _console()
+    console.print(
+        f"[dim]{len(result.token_ids)} tokens in {result.seconds:.2f}s ({result.tokens_per_s:.1f} tok/s) from "
+        f"{result.checkpoint}[/]"
+    )
+    if result.edge is not None:
+        _print_edge_telemetry(console, result.edge, result.store)
+
+
+def _print_edge_telemetry(console: Console, s: dict, store: str | None) -> None:
+    from moekit.inference.budget import format_bytes
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
+    table = Table(title="edge runtime", show_header=False)
+    table.add_row("cache / budget", f"{s['cache']}, {format_bytes(s['budget_bytes'])} ({s['budget_share']:.0%})")
+    table.add_row("hit rate", f"{pct(s['hit_rate'])} ({s['hits']} of {s['accesses']} expert uses)")
+    table.add_row("hit rate per layer", " ".join(pct(h) for h in s["hit_rate_per_layer"]))
+    table.add_row("bytes read", f"{format_bytes(s['bytes_read'])} in {s['read_seconds']:.2f}s")
+    table.add_row("prefetch recall / precision", f"{pct(s['prefetch_recall'])} / {pct(s['prefetch_precision'])}")
+    table.add_row("tokens/s", "-" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.1f}")
+    table.add_row("peak resident expert bytes", format_bytes(s["peak_resident_expert_bytes"]))
+    mbps = s["storage_mbps"]
+    table.add_row("storage", "disk speed" if mbps is None else f"throttled to {mbps:g} MB/s")
+    table.add_row("experts", "int8" if s["quantization"] else "float32 (same outputs as fully resident)")
+    if store:
+        table.add_row("store", store)
+    console.print(table)
 
 
 @app.command()
@@ -192,15 +321,26 @@ app.add_typer(index_app, name="index")
 
 @index_app.command("build")
 def index_build(
-    docs: Annotated[Path, typer.Argument(help="a text file or folder of documents.")],
-    out: Annotated[Path, typer.Option("--out", help="index folder to write.")],
-    embedder: Annotated[str, typer.Option("--embedder", help="minilm (bundled model) or hash.")] = "minilm",
+    docs: Annotated[Path, typer.Argument(help="a UTF-8 text file or a folder of them.")],
+    out: Annotated[Path, typer.Option("--out", help="index folder to write (new, empty, or an index).")],
+    embedder: Annotated[
+        str, typer.Option("--embedder", help="minilm (bundled all-MiniLM-L6-v2, offline) or hashing.")
+    ] = "minilm",
+    learned_router: Annotated[
+        bool, typer.Option("--learned-router", help="also train the learned router (query with -p).")
+    ] = False,
 ) -> None:
     """Chunk, embed and cluster documents into document experts."""
     from moekit.retrieval.index import build_index
 
-    build_index(docs, out, embedder=embedder)
-    _console().print(f"index written to {out}")
+    try:
+        experts = build_index(docs, out, embedder=embedder, learned_router=learned_router)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    _console().print(
+        f"index written to {out}: {experts.num_documents} documents, {experts.num_chunks} chunks, "
+        f"{experts.num_clusters} document experts"
+    )
 
 
 @index_app.command("query")
@@ -208,17 +348,23 @@ def index_query(
     index: Annotated[Path, typer.Argument(help="index folder.")],
     text: Annotated[str, typer.Argument(help="query text.")],
     k: Annotated[int, typer.Option("-k", help="results to return.")] = 10,
+    m: Annotated[int | None, typer.Option("-m", help="clusters to probe (default: the index's).")] = None,
+    p: Annotated[
+        float | None, typer.Option("-p", help="learned-router probability mass to probe (needs --learned-router).")
+    ] = None,
 ) -> None:
     """Route a query to its closest document experts and search inside them."""
     from moekit.retrieval.index import query_index
 
     if k < 1:
         raise typer.BadParameter(f"-k must be >= 1, got {k}")
-    table = Table("rank", "score", "text")
-    for i, hit in enumerate(query_index(index, text, k=k), start=1):
-        score = hit["score"] if isinstance(hit, dict) else getattr(hit, "score", "")
-        body = hit["text"] if isinstance(hit, dict) else getattr(hit, "text", str(hit))
-        table.add_row(str(i), f"{float(score):.3f}" if score != "" else "", str(body)[:100])
+    try:
+        hits = query_index(index, text, k=k, m=m, p=p)
+    except ValueError as err:  # IndexFormatError included: damaged or foreign folder
+        raise typer.BadParameter(str(err)) from None
+    table = Table("rank", "score", "document", "text")
+    for i, hit in enumerate(hits, start=1):
+        table.add_row(str(i), f"{hit.score:.3f}", f"{hit.doc}#{hit.chunk}", hit.text[:100])
     _console().print(table)
 
 
@@ -276,6 +422,22 @@ def bench_tabular(quick: QuickOpt = False, json_path: JsonOpt = None, tiny: Tiny
     from moekit.bench.tabular import run_tabular_bench
 
     run_tabular_bench(quick=quick, json_path=json_path, tiny=_tiny(tiny), console=_console())
+
+
+@bench_app.command("hecto")
+def bench_hecto(quick: QuickOpt = False, json_path: JsonOpt = None, tiny: TinyOpt = False) -> None:
+    """Hecto: GRU + FFN experts behind one top-1 gate vs all-FFN, all-GRU and one GRU (verse -> Bible part)."""
+    from moekit.bench.hecto import run_hecto_bench
+
+    run_hecto_bench(quick=quick, json_path=json_path, tiny=_tiny(tiny), console=_console())
+
+
+@bench_app.command("tabmoe")
+def bench_tabmoe(quick: QuickOpt = False, json_path: JsonOpt = None, tiny: TinyOpt = False) -> None:
+    """TabMoE: functional table-QA experts with a hard-EM router vs an oracle router and a generalist network."""
+    from moekit.bench.tabmoe import run_tabmoe_bench
+
+    run_tabmoe_bench(quick=quick, json_path=json_path, tiny=_tiny(tiny), console=_console())
 
 
 def main() -> None:

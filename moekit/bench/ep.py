@@ -201,9 +201,7 @@ def run_ep_bench(
         "tokens_per_s": {f"ep{r['ep_size']}": round(r["tokens_per_s"], 1) for r in rows},
         "a2a_bytes_per_rank_step": {f"ep{r['ep_size']}": r["a2a_bytes_per_rank"] for r in rows},
         "a2a_share_of_step": {f"ep{r['ep_size']}": round(r["a2a_share"], 4) for r in rows},
-        "single_process_tokens_per_s": None
-        if single_ms is None
-        else round(case.tokens / (single_ms / 1e3), 1),
+        "single_process_tokens_per_s": None if single_ms is None else round(case.tokens / (single_ms / 1e3), 1),
         "max_abs_diff_vs_single": max_diff,
         "goal_max_abs_diff": GOAL_MAX_ABS_DIFF,
         "goal_met": max_diff <= GOAL_MAX_ABS_DIFF,
@@ -234,9 +232,7 @@ def run_ep_bench(
         console,
         caption=f"max |diff| vs the single-process layer: {max_diff:.2e} (goal <= {GOAL_MAX_ABS_DIFF:g})",
     )
-    report = write_result(
-        NAME, result, json_path, repo_copy=mode in ("quick", "full"), results_dir=results_dir
-    )
+    report = write_result(NAME, result, json_path, repo_copy=mode in ("quick", "full"), results_dir=results_dir)
     for path in report.paths:
         console.print(f"wrote {path}")
     for note in report.notes:

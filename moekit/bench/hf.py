@@ -243,9 +243,7 @@ def _batched_mm_gib(case: HFCase, element_size: int) -> float:
     return case.tokens * case.k * 3 * case.hidden * case.d_ff * element_size / 2**30
 
 
-def bench_case(
-    case: HFCase, timing: TimingConfig, seed: int = 0, gather_limit_gib: float = 2.0
-) -> dict[str, Any]:
+def bench_case(case: HFCase, timing: TimingConfig, seed: int = 0, gather_limit_gib: float = 2.0) -> dict[str, Any]:
     """Build the model and its patched copy, check logits agree, time forward passes interleaved."""
     from moekit.interop import patch_hf_model
 
@@ -338,11 +336,7 @@ def run_hf_bench(
     except ImportError as exc:
         raise RuntimeError("the hf benchmark needs transformers (pip install moekit[hf])") from exc
     mode = "tiny" if tiny else "custom" if cases is not None else "quick" if quick else "full"
-    chosen = (
-        list(cases)
-        if cases is not None
-        else {"tiny": tiny_cases, "quick": quick_cases}.get(mode, full_cases)()
-    )
+    chosen = list(cases) if cases is not None else {"tiny": tiny_cases, "quick": quick_cases}.get(mode, full_cases)()
     if not chosen:
         raise ValueError("no cases to run")
     timing = timing or {"tiny": TimingConfig(1, 2), "quick": TimingConfig(1, 3)}.get(mode, TimingConfig(1, 5))
@@ -363,9 +357,7 @@ def run_hf_bench(
             "config": {"seed": seed, "warmup": timing.warmup, "repeats": timing.repeats},
         }
     _print(result, console)
-    report = write_result(
-        NAME, result, json_path, repo_copy=mode in ("quick", "full"), results_dir=results_dir
-    )
+    report = write_result(NAME, result, json_path, repo_copy=mode in ("quick", "full"), results_dir=results_dir)
     for path in report.paths:
         console.print(f"wrote {path}")
     for note in report.notes:

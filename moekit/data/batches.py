@@ -62,9 +62,7 @@ class TokenStream:
             if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype != dtype:
                 raise ValueError(f"TokenStream.{name} must be a 1-D {dtype} tensor")
             if t.shape != self.ids.shape:
-                raise ValueError(
-                    f"TokenStream.{name} has shape {tuple(t.shape)}, ids has {tuple(self.ids.shape)}"
-                )
+                raise ValueError(f"TokenStream.{name} has shape {tuple(t.shape)}, ids has {tuple(self.ids.shape)}")
         if self.ids.numel() == 0:
             raise ValueError("TokenStream.ids is empty")
         if int(self.ids.min()) < 0:
@@ -82,9 +80,7 @@ class TokenStream:
         """A stream of bare ids (origins unknown)."""
         t = torch.as_tensor(np.asarray(ids, dtype=np.int64)).to(torch.int32)
         n = t.numel()
-        return cls(
-            t, torch.full((n,), UNKNOWN, dtype=torch.int8), torch.full((n,), UNKNOWN, dtype=torch.int32)
-        )
+        return cls(t, torch.full((n,), UNKNOWN, dtype=torch.int8), torch.full((n,), UNKNOWN, dtype=torch.int32))
 
     @classmethod
     def from_corpus(cls, corpus: Corpus, tokenizer: _Encoder, add_eot: bool = True) -> TokenStream:
@@ -155,9 +151,7 @@ class TokenStream:
             names = {k: tuple(json.loads(meta.get(k, "[]"))) for k in ("part_names", "book_names")}
         except Exception as exc:
             raise ValueError(f"token stream file {str(path)!r} is not a valid stream file: {exc}") from exc
-        return cls(
-            tensors["ids"], tensors["part_ids"], tensors["book_ids"], names["part_names"], names["book_names"]
-        )
+        return cls(tensors["ids"], tensors["part_ids"], tensors["book_ids"], names["part_names"], names["book_names"])
 
 
 @dataclass(frozen=True)
@@ -194,10 +188,7 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
-            *(
-                t.to(device, non_blocking=non_blocking)
-                for t in (self.tokens, self.part_ids, self.book_ids, self.starts)
-            )
+            *(t.to(device, non_blocking=non_blocking) for t in (self.tokens, self.part_ids, self.book_ids, self.starts))
         )
 
 
@@ -220,9 +211,7 @@ class TokenDataset:
     def windows(self, starts: Tensor) -> Batch:
         """(B,) start offsets -> a `Batch` of (B, L+1) windows."""
         starts = torch.as_tensor(starts, dtype=torch.long).reshape(-1)  # (B,)
-        if starts.numel() and (
-            int(starts.min()) < 0 or int(starts.max()) + self.block_size >= len(self.stream)
-        ):
+        if starts.numel() and (int(starts.min()) < 0 or int(starts.max()) + self.block_size >= len(self.stream)):
             raise ValueError(f"window starts must lie in [0, {len(self.stream) - self.block_size - 1}]")
         idx = starts[:, None] + self._offsets[None, :]  # (B, L+1)
         s = self.stream

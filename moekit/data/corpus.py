@@ -124,9 +124,7 @@ class Corpus:
         parts = set(self.part_names)
         for v in self.verses:
             if not 0 <= v.book_index < len(self.books) or self.books[v.book_index] != v.book:
-                raise ValueError(
-                    f"Corpus.verses: {v.ref} has book_index {v.book_index} not matching Corpus.books"
-                )
+                raise ValueError(f"Corpus.verses: {v.ref} has book_index {v.book_index} not matching Corpus.books")
             if v.part is not None and v.part not in parts:
                 raise ValueError(f"Corpus.verses: {v.ref} has part {v.part!r} not in Corpus.part_names")
 
@@ -256,9 +254,7 @@ def load_text(path: str | os.PathLike[str], lines_per_chapter: int = 100) -> Cor
         )
         files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts)]
         if not files:
-            raise ValueError(
-                f"data folder {str(root)!r} holds no text files (names ending in {TEXT_SUFFIXES})"
-            )
+            raise ValueError(f"data folder {str(root)!r} holds no text files (names ending in {TEXT_SUFFIXES})")
         named = [(p.relative_to(root).as_posix(), p) for p in files]
     elif root.is_file():
         named = [(root.name, root)]
@@ -302,9 +298,7 @@ def _read_text_file(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"text file {str(path)!r} is not valid UTF-8 (byte offset {exc.start}): {exc.reason}"
-        ) from exc
+        raise ValueError(f"text file {str(path)!r} is not valid UTF-8 (byte offset {exc.start}): {exc.reason}") from exc
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

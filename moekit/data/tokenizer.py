@@ -57,9 +57,7 @@ class TokenizerConfig:
         if self.min_frequency < 1:
             raise ValueError(f"TokenizerConfig.min_frequency must be >= 1, got {self.min_frequency}")
         if not self.special_tokens or not all(isinstance(t, str) and t for t in self.special_tokens):
-            raise ValueError(
-                f"TokenizerConfig.special_tokens must be non-empty strings, got {self.special_tokens!r}"
-            )
+            raise ValueError(f"TokenizerConfig.special_tokens must be non-empty strings, got {self.special_tokens!r}")
         if len(set(self.special_tokens)) != len(self.special_tokens):
             raise ValueError(f"TokenizerConfig.special_tokens has duplicates: {self.special_tokens!r}")
 
@@ -118,9 +116,7 @@ class BPETokenizer:
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``directory/tokenizer.json`` atomically; returns its path."""
-        return atomic_write_bytes(
-            Path(directory) / TOKENIZER_FILE, self._tok.to_str(pretty=False).encode("utf-8")
-        )
+        return atomic_write_bytes(Path(directory) / TOKENIZER_FILE, self._tok.to_str(pretty=False).encode("utf-8"))
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> BPETokenizer:

@@ -333,8 +333,7 @@ class RoutingMonitor:
             "last_step": [self._last_step[n] for n in self.layers],
             "window": {n: self._window[n].to_dict() for n in self.layers},
             "history": {
-                n: [{"step": s, **self._history[n][s].to_dict()} for s in sorted(self._history[n])]
-                for n in self.layers
+                n: [{"step": s, **self._history[n][s].to_dict()} for s in sorted(self._history[n])] for n in self.layers
             },
             "summary": {n: s.to_dict() for n, s in self.summary().items()},
         }
@@ -353,9 +352,7 @@ class RoutingMonitor:
             mon._history[name] = {int(h["step"]): _Sums.from_dict(h) for h in d["history"][name]}
             for sums in [mon._window[name], *mon._history[name].values()]:
                 if len(sums.routed) != mon.num_experts[name] or len(sums.dropped) != mon.num_experts[name]:
-                    raise ValueError(
-                        f"layer {name!r}: per-expert lists must have {mon.num_experts[name]} entries"
-                    )
+                    raise ValueError(f"layer {name!r}: per-expert lists must have {mon.num_experts[name]} entries")
         return mon
 
     def to_json(self, path: str | os.PathLike) -> Path:
@@ -385,11 +382,7 @@ class RoutingMonitor:
             if layer not in self.num_experts:
                 raise KeyError(f"unknown layer {layer!r}; known: {list(self.layers)}")
             return layer
-        if (
-            isinstance(layer, bool)
-            or not isinstance(layer, int)
-            or not -len(self.layers) <= layer < len(self.layers)
-        ):
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -len(self.layers) <= layer < len(self.layers):
             raise KeyError(f"layer must be a name or an index in [0, {len(self.layers)}), got {layer!r}")
         return self.layers[layer]
 
@@ -404,9 +397,7 @@ class RoutingMonitor:
         for step, stats in pending:
             routed = [int(v) for v in stats["tokens_per_expert"].tolist()]
             dropped = (
-                [int(v) for v in stats["dropped_per_expert"].tolist()]
-                if "dropped_per_expert" in stats
-                else [0] * E
+                [int(v) for v in stats["dropped_per_expert"].tolist()] if "dropped_per_expert" in stats else [0] * E
             )
             tokens = int(stats["num_tokens"].item())
             if tokens < 0 or min(routed) < 0 or min(dropped) < 0:

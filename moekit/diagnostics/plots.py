@@ -62,16 +62,8 @@ def _heatmap_over_steps(monitor: RoutingMonitor, hist: dict, path: str | os.Path
     ncols = min(len(names), 3)
     nrows = math.ceil(len(names) / ncols)
     fig, axes = _figure(nrows, ncols, 4.6, 3.0)
-    data = {
-        n: np.ma.masked_invalid(np.asarray(h["load_share"], dtype=float).T)
-        for n, h in hist.items()
-        if h["steps"]
-    }
-    vmax = (
-        max(float(d.max()) for d in data.values() if d.count())
-        if any(d.count() for d in data.values())
-        else 1.0
-    )
+    data = {n: np.ma.masked_invalid(np.asarray(h["load_share"], dtype=float).T) for n, h in hist.items() if h["steps"]}
+    vmax = max(float(d.max()) for d in data.values() if d.count()) if any(d.count() for d in data.values()) else 1.0
     mesh = None
     for i, ax in enumerate(axes.flat):
         if i >= len(names):
@@ -88,9 +80,7 @@ def _heatmap_over_steps(monitor: RoutingMonitor, hist: dict, path: str | os.Path
         steps = np.asarray(h["steps"], dtype=float)
         x_edges = np.append(steps, steps[-1] + max(monitor.history_bin, 1))  # (S + 1,)
         y_edges = np.arange(E + 1) - 0.5  # (E + 1,)
-        mesh = ax.pcolormesh(
-            x_edges, y_edges, data[name], cmap="viridis", vmin=0.0, vmax=vmax, shading="flat"
-        )
+        mesh = ax.pcolormesh(x_edges, y_edges, data[name], cmap="viridis", vmin=0.0, vmax=vmax, shading="flat")
         ax.set_ylim(E - 0.5, -0.5)  # expert 0 on top
         _expert_ticks(ax, E)
     if mesh is not None:

@@ -7,7 +7,7 @@ training and in eval, and padding tokens count like any other.
 
 moekit's ``plan_capacity`` is different on purpose: one capacity ``ceil(capacity_factor * pairs / E)`` for
 the whole batch (GShard / Switch paper). This module adds the per-sequence plan and a ``MoELayer`` using it.
-(A core hook such as ``MoELayer(planner=...)`` would make the subclass unnecessary; see the interop README.)
+(A core hook such as ``MoELayer(planner=...)`` would make the subclass unnecessary; see docs/interop.md.)
 """
 
 from __future__ import annotations
@@ -75,9 +75,7 @@ class SequenceCapacityMoELayer(MoELayer):
 
     def _plan(self, routing: Routing) -> DispatchPlan:
         if not isinstance(routing, SequenceRouting) or routing.seq_ids is None:
-            raise TypeError(
-                "SequenceCapacityMoELayer needs a router that returns a SequenceRouting with seq_ids"
-            )
+            raise TypeError("SequenceCapacityMoELayer needs a router that returns a SequenceRouting with seq_ids")
         return plan_sequence_capacity(routing, routing.seq_ids[routing.token_idx], self.expert_capacity)
 
     def extra_repr(self) -> str:

@@ -151,9 +151,7 @@ def load_moekit_checkpoint(path: str | os.PathLike, map_location: str | torch.de
         expected.discard("lm_head.weight")
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
-        raise ValueError(
-            f"moekit checkpoint {str(path)!r}: missing tensors {missing}, unexpected {unexpected}"
-        )
+        raise ValueError(f"moekit checkpoint {str(path)!r}: missing tensors {missing}, unexpected {unexpected}")
     model.load_state_dict(tensors, strict=False)
     return model
 
@@ -357,9 +355,7 @@ def hf_config_for_lm(lm_config: dict[str, Any]) -> dict[str, Any]:
     if cfg.num_experts == 0:
         raise ValueError("LMConfig.num_experts=0: a dense model has no transformers MoE counterpart here")
     if cfg.capacity_factor is not None:
-        raise ValueError(
-            f"LMConfig.capacity_factor={cfg.capacity_factor}: transformers' MoE blocks are dropless"
-        )
+        raise ValueError(f"LMConfig.capacity_factor={cfg.capacity_factor}: transformers' MoE blocks are dropless")
     options = dict(cfg.router_options)
     if cfg.router in ("topk", "mixtral"):
         unknown = set(options) - {"order", "renormalize"}
@@ -369,9 +365,7 @@ def hf_config_for_lm(lm_config: dict[str, Any]) -> dict[str, Any]:
         unknown = set(options) - {"renormalize"}
         renormalize = options.get("renormalize", False)
     else:
-        raise ValueError(
-            f"LMConfig.router={cfg.router!r} has no transformers counterpart (topk/mixtral/qwen/olmoe)"
-        )
+        raise ValueError(f"LMConfig.router={cfg.router!r} has no transformers counterpart (topk/mixtral/qwen/olmoe)")
     if unknown:
         raise ValueError(f"LMConfig.router_options {sorted(unknown)} have no transformers counterpart")
     common = dict(
@@ -441,11 +435,7 @@ def _hf_weight_files(src: Path) -> list[Path]:
     files = sorted(src.glob("*.safetensors"))
     if not files:
         unsafe = [p.name for p in src.iterdir() if p.suffix in _UNSAFE_SUFFIXES]
-        hint = (
-            f" (found {unsafe}: pickle-based weights are not loaded, convert them to safetensors)"
-            if unsafe
-            else ""
-        )
+        hint = f" (found {unsafe}: pickle-based weights are not loaded, convert them to safetensors)" if unsafe else ""
         raise ValueError(f"no .safetensors weights in {str(src)!r}{hint}")
     return files
 
@@ -456,10 +446,7 @@ def _extra_files(src: Path) -> list[Path]:
     return sorted(
         p
         for p in src.iterdir()
-        if p.is_file()
-        and p.name not in skip
-        and p.suffix != ".safetensors"
-        and p.suffix not in _UNSAFE_SUFFIXES
+        if p.is_file() and p.name not in skip and p.suffix != ".safetensors" and p.suffix not in _UNSAFE_SUFFIXES
     )
 
 

@@ -101,9 +101,7 @@ def patch_block(block: nn.Module, family: Family, backend: str = "auto") -> HFMo
     shared = getattr(block, family.shared) if family.shared else None
     shared_gate = getattr(block, family.shared_gate) if family.shared_gate else None
     if shared is not None and _activation(shared.act_fn, gated=True) != "swiglu":
-        raise ValueError(
-            f"{family.name}: moekit's shared experts are SwiGLU; this block's activation differs"
-        )
+        raise ValueError(f"{family.name}: moekit's shared experts are SwiGLU; this block's activation differs")
     kwargs = dict(
         k=k,
         router=router,
@@ -115,9 +113,7 @@ def patch_block(block: nn.Module, family: Family, backend: str = "auto") -> HFMo
     )
     with torch.device("meta"):  # allocate nothing: every tensor is replaced by the block's own below
         if family.scheme == "switch":
-            layer: MoELayer = SequenceCapacityMoELayer(
-                D, d_ff, E, expert_capacity=int(gate.expert_capacity), **kwargs
-            )
+            layer: MoELayer = SequenceCapacityMoELayer(D, d_ff, E, expert_capacity=int(gate.expert_capacity), **kwargs)
         else:
             layer = MoELayer(D, d_ff, E, **kwargs)
     in_name = "gate_up_proj" if activation in ("swiglu", "geglu") else "up_proj"
@@ -150,9 +146,7 @@ def _activation(act: nn.Module, gated: bool) -> str:
         if torch.equal(got, fn(probe)):
             return name
     expected = "silu or gelu (gated)" if gated else "relu or gelu"
-    raise ValueError(
-        f"expert activation {type(act).__name__} is not one moekit's GroupedFFN computes ({expected})"
-    )
+    raise ValueError(f"expert activation {type(act).__name__} is not one moekit's GroupedFFN computes ({expected})")
 
 
 # ------------------------------------------------------------------------- transformers names in state dicts

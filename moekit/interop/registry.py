@@ -3,7 +3,7 @@
 An entry says how to find the sparse block (its class name), where its weights live inside the block, how its
 router decides (``scheme``, read by ``moekit.interop.routers``), which moekit router computes the same choice
 (``moekit_router``), how its experts are named in Hub checkpoints (for ``convert``) and what differs
-(``quirks``). Adding a family is adding one entry here (see the README, "Adding a family").
+(``quirks``). Adding a family is adding one entry here (see docs/interop.md, "Adding a family").
 
 Blocks are matched by class name, so this module imports nothing from transformers.
 """
@@ -57,9 +57,7 @@ class Family:
         if self.scheme not in SCHEMES:
             raise ValueError(f"Family.scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if self.expert_layout not in EXPERT_LAYOUTS:
-            raise ValueError(
-                f"Family.expert_layout must be one of {EXPERT_LAYOUTS}, got {self.expert_layout!r}"
-            )
+            raise ValueError(f"Family.expert_layout must be one of {EXPERT_LAYOUTS}, got {self.expert_layout!r}")
 
 
 FAMILIES: tuple[Family, ...] = (

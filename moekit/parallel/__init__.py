@@ -1,5 +1,5 @@
 """Expert parallelism over torch.distributed: sharded experts, uneven all-to-all, EP x DP meshes,
-resharding checkpoints, and an all-to-all cost model. See the README, "Expert parallelism".
+resharding checkpoints, and an all-to-all cost model. See docs/parallel.md.
 
 The LM trainer under torchrun lives in ``moekit.parallel.train_lm`` (``DistributedTrainer``), its
 trainer-format checkpoints with gathered optimizer state in ``moekit.parallel.consolidate``; both import

@@ -203,13 +203,15 @@ def train_from_config(
     resume: bool = False,
     progress: bool | None = None,
     overwrite: bool = False,
+    data_source: str | Path | None = None,
 ) -> dict[str, Any]:
     """``moekit train CONFIG``: train the configured model (and its dense baseline if ``run.dense_baseline``),
     write metrics, checkpoints, plots and ``report.md`` to ``out_dir`` (default: ``run.out_dir``).
 
     ``resume=True`` continues from the latest checkpoints in that folder (the tokenizer saved there is
     reused); otherwise a folder holding checkpoints is refused unless ``overwrite=True``. Returns a JSON-able
-    summary (also written as ``summary.json``).
+    summary (also written as ``summary.json``). ``data_source`` (a UTF-8 text file or folder, or ``"kjv"``)
+    replaces the config's ``[data] source``.
     """
     from dataclasses import replace
 
@@ -221,6 +223,8 @@ def train_from_config(
     from moekit.training.runs import routing_summary, train_run
 
     cfg = load_config(path)
+    if data_source is not None:  # ``--data PATH`` overrides ``[data] source``
+        cfg = replace(cfg, data=replace(cfg.data, source=str(data_source)))
     out = Path(out_dir) if out_dir is not None else Path(cfg.run.out_dir)
     data = prepare_data(cfg.data, cfg.train, out)
     model_cfg = cfg.model

@@ -52,9 +52,7 @@ def test_counts_accumulate_exactly_over_updates():
         assert s.routed_per_expert == tuple(totals[layer].tolist())
         assert s.dropped_per_expert == tuple(dropped_totals[layer].tolist())
         assert s.num_tokens == tokens[layer] and s.updates == 7
-        assert s.dropped_share == pytest.approx(
-            dropped_totals[layer].sum().item() / totals[layer].sum().item()
-        )
+        assert s.dropped_share == pytest.approx(dropped_totals[layer].sum().item() / totals[layer].sum().item())
         h = mon.history(name)
         assert h["steps"] == [0, 2, 4, 6]  # bins of two steps
         assert sum(h["tokens"]) == tokens[layer]
@@ -83,9 +81,7 @@ def test_update_never_reads_tensor_values():
 def test_metrics_match_hand_computation():
     th = CollapseThresholds(min_tokens=0)
     mon = RoutingMonitor(1, 4, th)
-    mon.update(
-        0, stats([4, 1, 0, 0], 5, entropy=1.0, zero=0.2, ept=0.8, balance_bias_norm=2.0, dropped=[1, 0, 0, 0])
-    )
+    mon.update(0, stats([4, 1, 0, 0], 5, entropy=1.0, zero=0.2, ept=0.8, balance_bias_norm=2.0, dropped=[1, 0, 0, 0]))
     mon.update(0, stats([2, 1, 0, 0], 3, entropy=0.2, zero=0.0, ept=1.0, balance_bias_norm=4.0))
     s = mon.summary()["layer_0"]
     counts = [6, 2, 0, 0]  # mean 2, population var (16 + 0 + 4 + 4) / 4 = 6

@@ -24,9 +24,7 @@ def fed_monitor(history_bin=1) -> RoutingMonitor:
         mon.observe(
             {
                 "balanced": _stats([10] * 8, 40, 1.9),
-                "collapsing": _stats(
-                    [10 + 9 * skew, 10, 10 - skew, 10 - skew], 20 + 3 * skew, 1.3 - 0.12 * skew
-                ),
+                "collapsing": _stats([10 + 9 * skew, 10, 10 - skew, 10 - skew], 20 + 3 * skew, 1.3 - 0.12 * skew),
             },
             step=step,
         )

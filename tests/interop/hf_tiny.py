@@ -26,9 +26,7 @@ COMMON = dict(
 def tiny_config(family: str):
     """A 2-layer config of ``family`` (hidden 32); patched block counts in ``PATCHED``."""
     if family == "mixtral":
-        return transformers.MixtralConfig(
-            **COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2
-        )
+        return transformers.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
     if family == "qwen2_moe":  # shared expert with sigmoid gate; layer 1 dense
         return transformers.Qwen2MoeConfig(
             **COMMON,

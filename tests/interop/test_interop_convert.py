@@ -84,9 +84,7 @@ def test_qwen3_checkpoint_says_why_it_is_no_moekit_lm(tmp_path) -> None:
 )
 def test_moekit_lm_exports_to_transformers(overrides: dict, arch: str, tmp_path) -> None:
     torch.manual_seed(0)
-    config = LMConfig(
-        vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=16, num_experts=4, **overrides
-    )
+    config = LMConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=16, num_experts=4, **overrides)
     lm = MoETransformerLM(config).eval()
     save_moekit_checkpoint(lm, tmp_path / "mk")
     convert(tmp_path / "mk", tmp_path / "hf")

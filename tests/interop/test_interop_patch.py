@@ -97,18 +97,14 @@ def test_switch_transformers_matches(dtype: str) -> None:
     mask = mask.flip(1)  # T5-style right padding
     dec = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
     for attention_mask in (None, mask):
-        kw = dict(
-            input_ids=ids, attention_mask=attention_mask, decoder_input_ids=dec, output_router_logits=True
-        )
+        kw = dict(input_ids=ids, attention_mask=attention_mask, decoder_input_ids=dec, output_router_logits=True)
         with torch.no_grad():
             want = hf(**kw)
             with record_moe_outputs(patched) as moe_outputs:
                 got = patched(**kw)
         assert_close(got.logits, want.logits, torch_dtype, msg="logits")
         for side in ("encoder", "decoder"):
-            for g, w in zip(
-                getattr(got, f"{side}_router_logits"), getattr(want, f"{side}_router_logits"), strict=True
-            ):
+            for g, w in zip(getattr(got, f"{side}_router_logits"), getattr(want, f"{side}_router_logits"), strict=True):
                 assert g.shape == (2, ids.shape[1] if side == "encoder" else dec.shape[1], 4)
                 assert_close(g, w, torch_dtype, msg=f"{side} router logits")
             for loss in ("z_loss", "aux_loss"):
@@ -117,9 +113,7 @@ def test_switch_transformers_matches(dtype: str) -> None:
         # Capacity 3 per sequence and expert: some tokens are dropped, and moekit's plan says how many.
         assert sum(int(o.stats["dropped_per_expert"].sum()) for o in moe_outputs) > 0
     want_ids = hf.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
-    got_ids = patched.generate(
-        ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False
-    )
+    got_ids = patched.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert torch.equal(got_ids, want_ids)
 
 

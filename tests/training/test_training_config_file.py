@@ -45,7 +45,13 @@ def _write(tmp_path, text, name="run.toml"):
 
 def test_demo_toml_loads():
     cfg = load_config(REPO / "configs" / "demo.toml")
-    assert cfg.model.num_experts == 16 and cfg.train.max_steps == 300 and cfg.run.dense_baseline
+    assert cfg.train.max_steps == 300 and cfg.run.dense_baseline
+    # The config file is the demo's model: same layout, so `moekit train configs/demo.toml` reproduces it.
+    from moekit.training.demo import demo_configs
+
+    demo_model, _, _ = demo_configs(cfg.model.vocab_size, smoke=False)
+    for field in ("d_model", "n_layers", "n_heads", "d_ff", "num_experts", "k", "num_shared_experts", "router"):
+        assert getattr(cfg.model, field) == getattr(demo_model, field), field
     assert not cfg.model_vocab_given and cfg.model.vocab_size == cfg.data.vocab_size
 
 

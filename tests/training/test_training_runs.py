@@ -140,3 +140,25 @@ def test_fixed_step_pair_rejects_bad_steps(tmp_path):
         with pytest.raises(ValueError, match="steps must be an int >= 20"):
             train_moe_and_dense(tmp_path, None, False, 0, False, None, 0.0, steps=bad)
     assert not any(tmp_path.iterdir())  # refused before preparing any data
+
+
+def test_moekit_train_data_option_trains_on_a_text_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from moekit.cli import app
+
+    toml = TOML.replace("dense_baseline = true", "dense_baseline = false").replace("stride = 60", "stride = 2")
+    (tmp_path / "tiny.toml").write_text(toml)
+    text = tmp_path / "my.txt"
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    text.write_text("\n".join(" ".join(words[(i + j) % 8] for j in range(12)) for i in range(1200)), "utf-8")
+    out = tmp_path / "run"
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(tmp_path / "tiny.toml"), "--data", str(text), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    tok = json.loads((out / "tokenizer.json").read_text())
+    vocab = json.dumps(tok)
+    assert "epsilon" in vocab or "eps" in vocab  # the tokenizer was trained on the given file, not on the KJV
+    assert "Jerusalem" not in vocab
+    res = runner.invoke(app, ["train", str(tmp_path / "tiny.toml"), "--data", str(tmp_path / "nope.txt")])
+    assert res.exit_code == 2 and "--data" in res.output
