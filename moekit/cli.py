@@ -377,7 +377,7 @@ def bench_lm(
     quick: QuickOpt = False, json_path: JsonOpt = None, threads: ThreadsOpt = None, tiny: TinyOpt = False
 ) -> None:
     """MoE vs dense LM of equal active parameters on the bundled corpus."""
-    from moekit.training import run_lm_bench
+    from moekit.bench.lm import run_lm_bench
 
     run_lm_bench(quick=quick, json_path=json_path, threads=threads, tiny=_tiny(tiny), console=_console())
 

@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from moekit.diagnostics._io import atomic_write_text
+from moekit.atomic_io import atomic_write_text
 
 RESULTS_DIR = Path("benchmarks") / "results"
 

@@ -91,7 +91,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from moekit.diagnostics._io import atomic_write_bytes
+    from moekit.atomic_io import atomic_write_bytes
 
     cases = result["cases"]
     routing = cases[0]["routing"]

@@ -576,7 +576,7 @@ def _plot(datasets: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from moekit.diagnostics._io import atomic_write_bytes
+    from moekit.atomic_io import atomic_write_bytes
 
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
     styles = {"ivf": "o-", "hnsw": "s-", "mode_centroid": "^-", "mode_router": "D-"}

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moekit.data.corpus import Corpus, atomic_write_bytes
+from moekit.atomic_io import atomic_write_bytes
+from moekit.data.corpus import Corpus
 
 UNKNOWN = -1  # part / book id of tokens whose origin is not known
 

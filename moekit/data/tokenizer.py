@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moekit.data.corpus import Corpus, atomic_write_bytes
+from moekit.atomic_io import atomic_write_bytes
+from moekit.data.corpus import Corpus
 
 try:
     import tokenizers

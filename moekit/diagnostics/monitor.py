@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moekit.diagnostics._io import atomic_write_text
+from moekit.atomic_io import atomic_write_text
 from moekit.diagnostics.collapse import CollapseFinding, CollapseThresholds, evaluate, logger, report
 
 FORMAT = "moekit.routing_monitor"

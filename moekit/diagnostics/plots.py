@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moekit.diagnostics._io import atomic_write_bytes
+from moekit.atomic_io import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -13,12 +13,11 @@ Dropped pairs contribute nothing to the output; a token all of whose pairs are d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 from torch import Tensor
 
-from moekit.routing.base import Routing
+from moekit.routing.base import Routing, ceil_scaled
 
 DROP_POLICIES = ("position", "probability")
 
@@ -49,17 +48,6 @@ def plan_dropless(routing: Routing) -> DispatchPlan:
         dropped=torch.zeros_like(routed),
         capacity=None,
     )
-
-
-def ceil_scaled(factor: float, numerator: int, denominator: int) -> int:
-    """Exact ``ceil(factor * numerator / denominator)``, with ``factor`` read as the decimal it prints as.
-
-    Float arithmetic lands on the wrong side of integer boundaries (``1.1 * 100 / 10`` is ``11.000000000000002``,
-    whose ceil is 12); the capacity formulas mean the decimal the user wrote, so it is evaluated as a fraction.
-    """
-    exact = Fraction(factor) if isinstance(factor, int) else Fraction(repr(float(factor)))
-    q = exact * numerator / denominator
-    return -(-q.numerator // q.denominator)
 
 
 def expert_capacity(num_pairs: int, num_experts: int, capacity_factor: float, min_capacity: int = 0) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.diagnostics._io import atomic_write_bytes
+from moekit.atomic_io import atomic_write_bytes
 from moekit.inference.cache import TraceCall
 
 

@@ -31,7 +31,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from moekit.diagnostics._io import atomic_write_bytes, atomic_write_text
+from moekit.atomic_io import atomic_write_bytes, atomic_write_text
 from moekit.experts.grouped import GroupedFFN
 from moekit.inference.quantize import SCALE_SUFFIX, check_quantization, quantize_expert
 from moekit.layer import MoELayer

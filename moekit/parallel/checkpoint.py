@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from moekit.data.corpus import atomic_write_bytes
+from moekit.atomic_io import atomic_write_bytes
 from moekit.experts.grouped import GroupedFFN
 from moekit.layer import MoELayer
 from moekit.parallel.ep_layer import ExpertParallelMoELayer

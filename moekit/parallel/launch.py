@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moekit.data.corpus import atomic_write_bytes
+from moekit.atomic_io import atomic_write_bytes
 from moekit.models import LMConfig, MoETransformerLM
 from moekit.parallel.checkpoint import load_checkpoint, save_checkpoint
 from moekit.parallel.data_parallel import broadcast_replicated, clip_grad_norm_, global_mean, sync_gradients

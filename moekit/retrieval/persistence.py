@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from moekit.atomic_io import atomic_write_bytes
 
 FORMAT = "moekit.retrieval.bundle"
 VERSION = 1
@@ -35,22 +36,6 @@ class IndexFormatError(ValueError):
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_bundle(
@@ -75,11 +60,11 @@ def save_bundle(
     ):
         digest = sha256(data)
         name = f"{prefix}{digest[:12]}{suffix}"
-        atomic_write(directory / name, data)
+        atomic_write_bytes(directory / name, data)
         files[key] = {"name": name, "bytes": len(data), "sha256": digest}
     body = {"format": FORMAT, "version": VERSION, "meta": meta, "files": files}
     manifest = {**body, "checksum": sha256(_canonical(body))}
-    atomic_write(directory / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(directory / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     keep = {f["name"] for f in files.values()}
     for p in directory.iterdir():
         if p.name.startswith(_PREFIXES) and p.name not in keep and p.is_file():

@@ -12,6 +12,7 @@ which is the GShard / Switch convention (first choices beat second choices, earl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
@@ -134,3 +135,14 @@ def slot_major_pairs(topk_idx: Tensor, topk_weight: Tensor) -> tuple[Tensor, Ten
     expert_idx = topk_idx.t().reshape(-1)
     weight = topk_weight.t().reshape(-1)
     return token_idx, expert_idx, weight
+
+
+def ceil_scaled(factor: float, numerator: int, denominator: int) -> int:
+    """Exact ``ceil(factor * numerator / denominator)``, with ``factor`` read as the decimal it prints as.
+
+    Float arithmetic lands on the wrong side of integer boundaries (``1.1 * 100 / 10`` is ``11.000000000000002``,
+    whose ceil is 12); the capacity formulas mean the decimal the user wrote, so it is evaluated as a fraction.
+    """
+    exact = Fraction(factor) if isinstance(factor, int) else Fraction(repr(float(factor)))
+    q = exact * numerator / denominator
+    return -(-q.numerator // q.denominator)

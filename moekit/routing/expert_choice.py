@@ -17,8 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moekit.dispatch.plan import ceil_scaled
-from moekit.routing.base import Router, Routing, empty_routing, fp32_logits, slot_major_pairs
+from moekit.routing.base import Router, Routing, ceil_scaled, empty_routing, fp32_logits, slot_major_pairs
 from moekit.routing.topk import check_router_sizes
 
 INFERENCE_MODES = ("topk", "expert_choice")

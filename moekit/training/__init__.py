@@ -42,13 +42,6 @@ def train_from_config(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
     return _run(*args, **kwargs)
 
 
-def run_lm_bench(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
-    """See `moekit.training.bench_lm.run_lm_bench`."""
-    from moekit.training.bench_lm import run_lm_bench as _run
-
-    return _run(*args, **kwargs)
-
-
 __all__ = [
     "CheckpointError",
     "DataConfig",
@@ -66,7 +59,6 @@ __all__ = [
     "read_metrics",
     "run_compare_routers",
     "run_demo",
-    "run_lm_bench",
     "save_checkpoint",
     "train_from_config",
 ]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from moekit.training._io import atomic_write_bytes
+from moekit.atomic_io import atomic_write_bytes
 
 FORMAT = "moekit.checkpoint"
 VERSION = 1

@@ -65,7 +65,7 @@ def demo_configs(vocab_size: int, smoke: bool) -> tuple[LMConfig, TrainConfig, D
         n_heads=4,
         d_ff=128,
         # One shared expert + top-1 of 32 routed: the same active FFN width (256) as top-2 of 16, but it reached
-        # the dense model's loss in fewer steps (moekit.training.bench_lm: a side-by-side search of 6 layouts).
+        # the dense model's loss in fewer steps (moekit.bench.lm: a side-by-side search of 6 layouts).
         num_experts=32,
         k=1,
         num_shared_experts=1,

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from moekit.training._io import atomic_write_text
+from moekit.atomic_io import atomic_write_text
 
 
 def fmt(value: Any, spec: str = ".4g") -> str:

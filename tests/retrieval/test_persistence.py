@@ -97,14 +97,14 @@ def test_resave_replaces_atomically_and_cleans_up(saved, monkeypatch):
     assert sorted(p.name.split("-")[0] for p in path.iterdir()) == ["manifest.json", "records", "tensors"]
     assert DocumentExperts.load(path).num_documents == experts.num_documents
     # A crash before the manifest is renamed leaves the previous index readable.
-    real = persistence.atomic_write
+    real = persistence.atomic_write_bytes
 
     def failing(p, data):
         if p.name == persistence.MANIFEST:
             raise OSError("disk full")
         real(p, data)
 
-    monkeypatch.setattr(persistence, "atomic_write", failing)
+    monkeypatch.setattr(persistence, "atomic_write_bytes", failing)
     experts.remove_documents(["sea/1.txt"])
     with pytest.raises(OSError, match="disk full"):
         experts.save(path)

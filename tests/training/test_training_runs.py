@@ -8,9 +8,9 @@ import re
 
 import pytest
 
+from moekit.bench.lm import run_lm_bench
 from moekit.models import LMConfig, MoETransformerLM
 from moekit.training import checkpoint as ckpt
-from moekit.training.bench_lm import run_lm_bench
 from moekit.training.compare_routers import ROUTER_VARIANTS, run_compare_routers
 from moekit.training.config_file import train_from_config
 from moekit.training.demo import run_demo
